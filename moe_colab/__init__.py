@@ -1,0 +1,43 @@
+"""moe_colab: run Mixtral-8x7B on a free Colab T4 by offloading experts, and learn why it works.
+
+Public names (imported lazily, so ``import moe_colab`` stays fast):
+
+    load_model, offload stats    moe_colab.model
+    quantize, QuantConfig        moe_colab.quant
+    estimate_size                moe_colab.quant.size
+    plan                         moe_colab.planner
+    RoutingTrace, record_routing moe_colab.routing
+    simulate_cache               moe_colab.simulate
+
+Reference: Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with
+Offloading", arXiv 2312.17238.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "load_model": "moe_colab.model",
+    "model_path": "moe_colab.model",
+    "quantize": "moe_colab.quant.quantize",
+    "QuantConfig": "moe_colab.quant.config",
+    "estimate_size": "moe_colab.quant.size",
+    "plan": "moe_colab.planner",
+    "RoutingTrace": "moe_colab.routing",
+    "record_routing": "moe_colab.routing",
+    "simulate_cache": "moe_colab.simulate",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'moe_colab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))

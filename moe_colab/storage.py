@@ -1,0 +1,132 @@
+"""Expert storage: every expert's tensors packed into ONE contiguous byte buffer.
+
+Moving an expert between host and device is then a single copy of ``layout.nbytes`` bytes,
+whatever the expert holds: three 16-bit matrices here, or low-bit codes with their scales and
+zeros (``moe_colab.quant.format``). A format describes the bytes (``layout``), turns original
+weights into named tensors (``pack``) and computes the expert from views of a buffer
+(``forward``).
+
+    host:   ExpertStore.buffers[layer]       uint8 [num_experts, nbytes]  (pinned on CUDA)
+    device: ExpertCache slots (cache.py)     uint8 [experts_on_device, nbytes]
+
+Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.3 ("one host-to-device copy").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 64  # bytes; keeps every view aligned for any dtype and for vectorised kernel loads
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # bytes from the start of the buffer
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class PackedLayout:
+    """Where each named tensor sits inside one expert's byte buffer."""
+
+    def __init__(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        specs, offset = [], 0
+        for name, shape, dtype in entries:
+            spec = TensorSpec(name, tuple(int(s) for s in shape), dtype, offset)
+            specs.append(spec)
+            offset += -(-spec.nbytes // ALIGN) * ALIGN
+        self.specs: tuple[TensorSpec, ...] = tuple(specs)
+        self.nbytes: int = offset
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s.name}{list(s.shape)}:{str(s.dtype)[6:]}@{s.offset}" for s in self.specs)
+        return f"PackedLayout({inner}; {self.nbytes} bytes)"
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views into a uint8 buffer of ``nbytes`` (no copy)."""
+        assert buf.dtype == torch.uint8 and buf.numel() == self.nbytes, (buf.dtype, buf.numel(), self.nbytes)
+        return {s.name: buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.specs}
+
+    def pack_into(self, buf: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy named tensors into their places in ``buf``; shapes and dtypes must match."""
+        views = self.views(buf)
+        missing = set(views) - set(tensors)
+        if missing:
+            raise KeyError(f"tensors missing for this layout: {sorted(missing)}")
+        for name, view in views.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(view.shape) or t.dtype != view.dtype:
+                raise ValueError(f"{name}: got {tuple(t.shape)} {t.dtype}, layout wants "
+                                 f"{tuple(view.shape)} {view.dtype}")
+            view.copy_(t)
+
+
+class ExpertFormat(Protocol):
+    """What the cache and the MoE block need to know about how an expert is stored."""
+
+    layout: PackedLayout
+
+    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Original weights (w1, w3: [I, H]; w2: [H, I]) -> the named tensors of ``layout``."""
+
+    def forward(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, H] -> expert output [tokens, H], from views of a (device) buffer."""
+
+
+class DenseExpertFormat:
+    """The unquantized expert: w1 and w3 fused as ``w13`` [2I, H] (the layout transformers >= 5
+    uses in ``MixtralExperts.gate_up_proj``, so the arithmetic is the same), and w2 [H, I]."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, act=F.silu):
+        self.hidden, self.intermediate, self.dtype, self.act = hidden, intermediate, dtype, act
+        self.layout = PackedLayout([
+            ("w13", (2 * intermediate, hidden), dtype),
+            ("w2", (hidden, intermediate), dtype),
+        ])
+
+    def pack(self, w1, w2, w3):
+        return {"w13": torch.cat([w1, w3], dim=0).to(self.dtype), "w2": w2.to(self.dtype)}
+
+    def forward(self, views, x):
+        gate, up = F.linear(x, views["w13"]).chunk(2, dim=-1)   # [T, I] each
+        return F.linear(self.act(gate) * up, views["w2"])      # [T, H]
+
+
+class ExpertStore:
+    """All experts of all layers in host memory, one uint8 row per expert.
+
+    ``buffers[layer]`` is uint8 [num_experts, nbytes]; it is pinned when the compute device is
+    CUDA so that host-to-device copies are asynchronous and run at full PCIe speed.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, pin: bool):
+        self.num_layers, self.num_experts, self.format = num_layers, num_experts, fmt
+        self.nbytes = fmt.layout.nbytes
+        self.buffers = [torch.empty(num_experts, self.nbytes, dtype=torch.uint8, pin_memory=pin)
+                        for _ in range(num_layers)]
+        self.filled = [[False] * num_experts for _ in range(num_layers)]
+
+    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+        return self.buffers[layer][expert]
+
+    def put(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.format.layout.pack_into(self.buffers[layer][expert], tensors)
+        self.filled[layer][expert] = True
+
+    def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return self.format.layout.views(self.buffers[layer][expert])
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * self.num_experts * self.nbytes
