@@ -77,8 +77,9 @@ class ExpertFormat(Protocol):
 
     layout: PackedLayout
 
-    def pack(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Original weights (w1, w3: [I, H]; w2: [H, I]) -> the named tensors of ``layout``."""
+    def write(self, views: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> None:
+        """Store one original matrix (``name`` in w1, w3: [I, H]; w2: [H, I]) into an expert's
+        buffer views; called once per matrix, so the loader holds one tensor at a time."""
 
     def forward(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x [tokens, H] -> expert output [tokens, H], from views of a (device) buffer."""
@@ -95,8 +96,12 @@ class DenseExpertFormat:
             ("w2", (hidden, intermediate), dtype),
         ])
 
-    def pack(self, w1, w2, w3):
-        return {"w13": torch.cat([w1, w3], dim=0).to(self.dtype), "w2": w2.to(self.dtype)}
+    def write(self, views, name, weight):
+        i = self.intermediate
+        dst = {"w1": views["w13"][:i], "w3": views["w13"][i:], "w2": views["w2"]}[name]
+        if tuple(weight.shape) != tuple(dst.shape):
+            raise ValueError(f"expert weight {name} has shape {tuple(weight.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(weight)
 
     def forward(self, views, x):
         gate, up = F.linear(x, views["w13"]).chunk(2, dim=-1)   # [T, I] each
@@ -115,14 +120,20 @@ class ExpertStore:
         self.nbytes = fmt.layout.nbytes
         self.buffers = [torch.empty(num_experts, self.nbytes, dtype=torch.uint8, pin_memory=pin)
                         for _ in range(num_layers)]
-        self.filled = [[False] * num_experts for _ in range(num_layers)]
+        self.written = [[set() for _ in range(num_experts)] for _ in range(num_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self.buffers[layer][expert]
 
-    def put(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.format.layout.pack_into(self.buffers[layer][expert], tensors)
-        self.filled[layer][expert] = True
+    def write(self, layer: int, expert: int, name: str, weight: torch.Tensor) -> None:
+        """Store one original expert matrix (w1, w2 or w3) in place."""
+        self.format.write(self.views(layer, expert), name, weight)
+        self.written[layer][expert].add(name)
+
+    def missing(self) -> list[tuple[int, int, str]]:
+        """(layer, expert, name) of every expert matrix not written yet."""
+        return [(l, e, n) for l in range(self.num_layers) for e in range(self.num_experts)
+                for n in ("w1", "w2", "w3") if n not in self.written[l][e]]
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return self.format.layout.views(self.buffers[layer][expert])
