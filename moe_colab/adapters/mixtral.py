@@ -98,6 +98,13 @@ class MixtralAdapter:
         return layer_module.post_attention_layernorm
 
     @staticmethod
+    def reinit_buffers(model, config, device) -> None:
+        """Non-persistent buffers are not in checkpoints: rebuild them on the device."""
+        rotary = model.model.rotary_emb
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(rotary)(config).to(device)
+
+    @staticmethod
     def activation(config):
         from transformers.activations import ACT2FN
         return ACT2FN[config.hidden_act]

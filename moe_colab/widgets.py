@@ -1,0 +1,287 @@
+"""Interactive views of expert routing and of the expert cache (ipywidgets + plotly).
+
+    routing_heatmap(trace, tokens)       tokens x layers; colour = the top-1 expert of each cell,
+                                         hover = the token text, all top-k experts, router weights
+    expert_load_figure(trace)            layers x experts: share of tokens routed to each expert
+    cache_timeline(trace, k, policy)     hit or miss of every expert use, per layer per token
+    cache_explorer(trace, tokens)        sliders for cache size and prefetch count, policy menu,
+                                         a live "hit ratio: 0.53" readout and the timeline
+
+A trace is a ``moe_colab.RoutingTrace`` (``experts`` and ``weights``: [layers, tokens, top_k]).
+Hit/miss events come from ``moe_colab.simulate`` (the one cache simulator); this file only draws.
+
+Inside a Jupyter or Colab kernel these return live widgets (plotly FigureWidget needs anywidget;
+Colab also needs ``moe_colab.runtime.enable_colab_widgets()`` once). In plain Python, or with
+``MOE_COLAB_STATIC=1``, they return static plotly Figures instead, and ``text_table`` gives a
+plain-text view; nothing here ever waits for a frontend.
+
+Every control carries a stable CSS class (``moe-cache-size``, ``moe-prefetch``, ``moe-policy``,
+``moe-hit-ratio``, ``moe-routing-heatmap``, ``moe-cache-timeline``) so a browser test can find it.
+
+Reference: Eliseev & Mazur, arXiv 2312.17238, Figure 1 (routing) and Figure 2 (cache hit ratio).
+"""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .runtime import widgets_available
+
+POLICIES = ("lru", "lfu", "fifo", "belady")
+PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2",
+           "#FF9DA6", "#9D755D", "#BAB0AC", "#1B9E77", "#7570B3", "#E7298A", "#66A61E",
+           "#D95F02", "#A6761D")
+HIT_MISS_COLOURS = ("#54A24B", "#F2B447", "#E45756")   # all hits, some misses, all misses
+
+
+# -- reading a trace -------------------------------------------------------------------------
+def _arrays(trace) -> tuple[np.ndarray, np.ndarray]:
+    """experts int [L, T, K] and weights float [L, T, K] as numpy arrays."""
+    experts = np.asarray(_to_numpy(trace.experts), dtype=np.int64)
+    weights = getattr(trace, "weights", None)
+    weights = np.full(experts.shape, np.nan) if weights is None else np.asarray(_to_numpy(weights), dtype=float)
+    if experts.ndim != 3:
+        raise ValueError(f"trace.experts must be [layers, tokens, top_k], got shape {tuple(experts.shape)}")
+    if weights.shape != experts.shape:
+        raise ValueError(f"trace.weights has shape {tuple(weights.shape)}, trace.experts {tuple(experts.shape)}")
+    return experts, weights
+
+
+def _to_numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def _num_experts(trace, experts: np.ndarray) -> int:
+    n = getattr(trace, "num_experts", None)
+    return int(n) if n else int(experts.max()) + 1
+
+
+def token_labels(trace, tokens=None) -> list[str]:
+    """Readable text for each token: ``tokens`` if given, else the trace's own, else positions."""
+    n = _arrays(trace)[0].shape[1]
+    if tokens is None:
+        tokens = getattr(trace, "tokens", None)
+    if tokens is None:
+        return [f"#{i}" for i in range(n)]
+    tokens = [str(t) for t in _to_numpy(tokens)]
+    if len(tokens) != n:
+        raise ValueError(f"got {len(tokens)} token labels for a trace of {n} tokens")
+    return [t.replace("\n", "↵").replace("▁", " ") or "∅" for t in tokens]
+
+
+def _discrete_colorscale(n: int) -> list:
+    """A step colourscale with ``n`` flat bands, one per expert id (z in [-0.5, n - 0.5])."""
+    scale = []
+    for i in range(n):
+        c = PALETTE[i % len(PALETTE)]
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+# -- figures (static; the widgets wrap them) ---------------------------------------------------
+def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
+    experts, weights = _arrays(trace)                       # [L, T, K]
+    L, T, K = experts.shape
+    E = _num_experts(trace, experts)
+    labels = token_labels(trace, tokens)
+    choice = np.empty((L, T), dtype=object)                 # "e3 0.61, e5 0.39" per cell
+    for l in range(L):
+        for t in range(T):
+            choice[l, t] = ", ".join(f"e{e} {w:.2f}" for e, w in zip(experts[l, t], weights[l, t]))
+    text = np.array([html.escape(s) for s in labels], dtype=object)
+    custom = np.stack([np.broadcast_to(text, (L, T)), choice], axis=-1)   # [L, T, 2]
+    fig = go.Figure(go.Heatmap(
+        z=experts[:, :, 0], x=list(range(T)), y=list(range(L)), customdata=custom,
+        zmin=-0.5, zmax=E - 0.5, colorscale=_discrete_colorscale(E), xgap=1, ygap=1,
+        colorbar=dict(title="top-1 expert", tickvals=list(range(E))),
+        hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>experts (weight): "
+                      "%{customdata[1]}<extra></extra>"))
+    fig.update_layout(
+        title=title or f"Top-1 expert of each token at each layer ({L} layers, {E} experts, top-{K})",
+        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
+        yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
+        margin=dict(l=60, r=20, t=50, b=90))
+    return fig
+
+
+def expert_load_figure(trace, title: str | None = None) -> go.Figure:
+    """Share of each layer's token-expert assignments that went to each expert (uniform = 1/E)."""
+    experts, _ = _arrays(trace)
+    L, T, K = experts.shape
+    E = _num_experts(trace, experts)
+    load = np.stack([np.bincount(experts[l].ravel(), minlength=E) for l in range(L)]) / (T * K)   # [L, E]
+    fig = go.Figure(go.Heatmap(
+        z=load, x=list(range(E)), y=list(range(L)), colorscale="Blues", zmin=0,
+        colorbar=dict(title="share"), texttemplate="%{z:.2f}",
+        hovertemplate="layer %{y}, expert %{x}: %{z:.1%} of assignments<extra></extra>"))
+    fig.update_layout(title=title or f"Expert load per layer (uniform would be {1 / E:.2f})",
+                      xaxis=dict(title="expert", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
+                      height=max(240, 22 * L + 140), margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
+def cache_figure(trace, hits, tokens=None, title: str | None = None) -> go.Figure:
+    """One cell per (layer, token): green = every needed expert was cached, red = none was.
+    ``hits`` is bool [L, T, K] (True = that expert use was a hit)."""
+    experts, _ = _arrays(trace)
+    hits = np.asarray(_to_numpy(hits), dtype=bool)
+    if hits.shape != experts.shape:
+        raise ValueError(f"hits has shape {hits.shape}, expected the trace's {experts.shape}")
+    L, T, K = experts.shape
+    misses = K - hits.sum(-1)                                # [L, T] in 0..K
+    labels = token_labels(trace, tokens)
+    marks = np.empty((L, T), dtype=object)
+    for l in range(L):
+        for t in range(T):
+            marks[l, t] = ", ".join(f"e{e} {'hit' if h else 'MISS'}" for e, h in zip(experts[l, t], hits[l, t]))
+    text = np.array([html.escape(s) for s in labels], dtype=object)
+    custom = np.stack([np.broadcast_to(text, (L, T)), marks], axis=-1)
+    scale = [[0, HIT_MISS_COLOURS[0]], [0.5, HIT_MISS_COLOURS[1]], [1, HIT_MISS_COLOURS[2]]]
+    fig = go.Figure(go.Heatmap(
+        z=misses, x=list(range(T)), y=list(range(L)), customdata=custom, zmin=0, zmax=K,
+        colorscale=scale, xgap=1, ygap=1, colorbar=dict(title="misses", tickvals=list(range(K + 1))),
+        hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>%{customdata[1]}<extra></extra>"))
+    fig.update_layout(
+        title=title or f"Cache over time: hit ratio {hits.mean():.2f}",
+        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
+        yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
+        margin=dict(l=60, r=20, t=50, b=90))
+    return fig
+
+
+def hit_ratio_figure(trace, policies=POLICIES, prefetch: int = 0) -> go.Figure:
+    """Hit ratio against cache size, one line per policy: the static summary of cache_explorer."""
+    experts, _ = _arrays(trace)
+    E = _num_experts(trace, experts)
+    fig = go.Figure()
+    for policy in policies:
+        ratios = [float(cache_hits(trace, k, policy, prefetch).mean()) for k in range(1, E + 1)]
+        fig.add_trace(go.Scatter(x=list(range(1, E + 1)), y=ratios, mode="lines+markers", name=policy))
+    fig.update_layout(title=f"Hit ratio vs cache size (prefetch {prefetch})", xaxis=dict(title="experts cached per layer", dtick=1),
+                      yaxis=dict(title="hit ratio", range=[0, 1.02]), height=360, margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
+def text_table(trace, tokens=None, hits=None, max_tokens: int = 40) -> str:
+    """Plain text: one row per token, one column per layer, the top-1 expert (``*`` marks a miss)."""
+    experts, _ = _arrays(trace)
+    L, T, _ = experts.shape
+    labels = token_labels(trace, tokens)
+    hits = None if hits is None else np.asarray(_to_numpy(hits), dtype=bool)
+    width = max(len(s) for s in labels[:max_tokens]) if T else 5
+    rows = [f"{'token':>{width}} | " + " ".join(f"L{l:<3d}" for l in range(L))]
+    for t in range(min(T, max_tokens)):
+        cells = [f"e{experts[l, t, 0]}" + ("*" if hits is not None and not hits[l, t].all() else "")
+                 for l in range(L)]
+        rows.append(f"{labels[t]:>{width}} | " + " ".join(f"{c:<4s}" for c in cells))
+    if T > max_tokens:
+        rows.append(f"... {T - max_tokens} more tokens")
+    return "\n".join(rows)
+
+
+# -- cache events: from the simulator --------------------------------------------------------
+def cache_hits(trace, cache_size: int, policy: str = "lru", prefetch: int = 0) -> np.ndarray:
+    """bool [L, T, K]: was each expert use a hit for this cache size, policy and prefetch count?"""
+    from .simulate import simulate_cache
+
+    kwargs = {"prefetch": prefetch} if prefetch else {}
+    result = simulate_cache(trace, cache_size, policy=policy, **kwargs)
+    return np.asarray(_to_numpy(result["events"]), dtype=bool)
+
+
+# -- widgets ---------------------------------------------------------------------------------
+def _interactive(interactive: bool | None) -> bool:
+    return widgets_available() if interactive is None else bool(interactive)
+
+
+def routing_heatmap(trace, tokens=None, *, interactive: bool | None = None):
+    """The routing heatmap: a live FigureWidget in a kernel, a static Figure elsewhere."""
+    fig = routing_figure(trace, tokens)
+    if not _interactive(interactive):
+        return fig
+    import ipywidgets as widgets
+    box = widgets.VBox([go.FigureWidget(fig)])
+    box.add_class("moe-routing-heatmap")
+    return box
+
+
+def cache_timeline(trace, cache_size: int = 4, policy: str = "lru", tokens=None, *,
+                   prefetch: int = 0, interactive: bool | None = None):
+    hits = cache_hits(trace, cache_size, policy, prefetch)
+    fig = cache_figure(trace, hits, tokens, title=_timeline_title(policy, cache_size, prefetch, hits.mean()))
+    if not _interactive(interactive):
+        return fig
+    import ipywidgets as widgets
+    box = widgets.VBox([go.FigureWidget(fig)])
+    box.add_class("moe-cache-timeline")
+    return box
+
+
+def _timeline_title(policy: str, k: int, prefetch: int, ratio: float) -> str:
+    pf = f", prefetch {prefetch}" if prefetch else ""
+    return f"{policy.upper()}, {k} experts cached per layer{pf}: hit ratio {ratio:.2f}"
+
+
+def cache_explorer(trace, tokens=None, *, cache_size: int = 4, prefetch: int = 0, policy: str = "lru",
+                   policies=POLICIES, max_prefetch: int | None = None, interactive: bool | None = None):
+    """Sliders for cache size and prefetch count and a policy menu; the hit ratio readout and the
+    cache timeline follow them. Static mode returns ``hit_ratio_figure`` instead."""
+    if policy not in policies:
+        raise ValueError(f"policy {policy!r} is not one of {tuple(policies)}")
+    if not _interactive(interactive):
+        return hit_ratio_figure(trace, policies, prefetch)
+    return CacheExplorer(trace, tokens, cache_size, prefetch, policy, policies, max_prefetch)
+
+
+def _explorer_base():
+    import ipywidgets as widgets
+    return widgets.VBox
+
+
+class CacheExplorer(_explorer_base()):
+    """A VBox: [cache size slider, prefetch slider, policy menu], hit ratio readout, timeline.
+    ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout`` and ``.figure`` are its parts."""
+
+    def __init__(self, trace, tokens, cache_size, prefetch, policy, policies, max_prefetch):
+        import ipywidgets as widgets
+
+        experts, _ = _arrays(trace)
+        E = _num_experts(trace, experts)
+        self.trace, self.tokens = trace, tokens
+        style = {"description_width": "80px"}
+        self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E, step=1,
+                                            description="cache size", continuous_update=False, style=style)
+        self.prefetch = widgets.IntSlider(value=prefetch, min=0, max=E if max_prefetch is None else max_prefetch,
+                                          step=1, description="prefetch", continuous_update=False, style=style)
+        self.policy = widgets.Dropdown(options=list(policies), value=policy, description="policy", style=style)
+        self.readout = widgets.HTML()
+        for w, cls in ((self.cache_size, "moe-cache-size"), (self.prefetch, "moe-prefetch"),
+                       (self.policy, "moe-policy"), (self.readout, "moe-hit-ratio")):
+            w.add_class(cls)
+        hits = cache_hits(trace, self.cache_size.value, policy, prefetch)
+        self.figure = go.FigureWidget(cache_figure(trace, hits, tokens))
+        self._show(hits)
+        super().__init__([widgets.HBox([self.cache_size, self.prefetch, self.policy]), self.readout, self.figure])
+        self.add_class("moe-cache-explorer")
+        for w in (self.cache_size, self.prefetch, self.policy):
+            w.observe(self._update, names="value")
+
+    @property
+    def hit_ratio(self) -> float:
+        return self._ratio
+
+    def _show(self, hits: np.ndarray) -> None:
+        self._ratio = float(hits.mean())
+        self.readout.value = f"<b>hit ratio: {self._ratio:.2f}</b>"
+
+    def _update(self, change=None) -> None:
+        k, p, policy = self.cache_size.value, self.prefetch.value, self.policy.value
+        hits = cache_hits(self.trace, k, policy, p)
+        self._show(hits)
+        experts, _ = _arrays(self.trace)
+        with self.figure.batch_update():
+            self.figure.data[0].z = experts.shape[2] - hits.sum(-1)
+            self.figure.data[0].customdata = cache_figure(self.trace, hits, self.tokens).data[0].customdata
+            self.figure.layout.title.text = _timeline_title(policy, k, p, self._ratio)
