@@ -1,0 +1,150 @@
+"""ExpertCache on its own: LRU order, waves when slots are fewer than needed experts,
+prefetch rules, statistics, and a consistent state after an interrupt."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_colab.cache import ExpertCache
+from moe_colab.storage import DenseExpertFormat, ExpertStore
+
+H, I, E = 8, 16, 6
+
+
+def make_cache(slots, layers=2, device="cpu"):
+    store = ExpertStore(layers, E, DenseExpertFormat(H, I, torch.float32), pin=False)
+    g = torch.Generator().manual_seed(0)
+    for l in range(layers):
+        for e in range(E):
+            for name, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+                store.write(l, e, name, torch.randn(shape, generator=g))
+    return ExpertCache(store, slots, torch.device(device))
+
+
+def consistent(cache):
+    """Every slot that claims an expert holds exactly that expert's bytes."""
+    for l, lc in enumerate(cache.layers):
+        assert set(lc.lru) == {s.expert for s in lc.slots if s.expert is not None}
+        for e, slot in lc.lru.items():
+            assert torch.equal(slot.buffer.cpu(), cache.store.buffer(l, e))
+
+
+def run(cache, layer, needed):
+    seen = []
+
+    def compute(expert, views):
+        # The views must show this expert's weights at the moment it computes.
+        assert torch.equal(views["w2"], cache.store.views(layer, expert)["w2"].to(views["w2"].device))
+        seen.append(expert)
+
+    cache.run_layer(layer, needed, compute)
+    return seen
+
+
+def lru_reference(requests, slots):
+    """A second, list-based statement of the cache's rule, for (hits, misses): resident experts
+    compute first (ascending), then misses load in ascending order; each expert becomes most
+    recently used when it computes; a victim is the least recently used expert that this step
+    does not still need (so with fewer slots than needed experts, slots are reused in waves)."""
+    resident, hits, misses = [], 0, 0
+    for needed in requests:
+        hit = [e for e in needed if e in resident]
+        todo = [e for e in needed if e not in resident]
+        hits, misses = hits + len(hit), misses + len(todo)
+        remaining, loaded = set(needed), []
+
+        def issue():
+            while todo:
+                if len(resident) < slots:
+                    resident.append(todo.pop(0))
+                else:
+                    victim = next((x for x in resident if x not in remaining), None)
+                    if victim is None:
+                        return
+                    resident.remove(victim)
+                    resident.append(todo.pop(0))
+                loaded.append(resident[-1])
+
+        def compute(e):
+            resident.remove(e)
+            resident.append(e)
+            remaining.discard(e)
+            issue()
+
+        issue()
+        for e in hit:
+            compute(e)
+        while loaded:
+            compute(loaded.pop(0))
+    return hits, misses
+
+
+def test_lru_eviction_order_by_hand():
+    cache = make_cache(slots=2)
+    for needed in ([0], [1], [0], [2]):   # 2 evicts 1, the least recently used
+        run(cache, 0, needed)
+    assert cache.resident(0) == [0, 2]
+    s = cache.stats()
+    assert (s["hits"], s["misses"]) == (1, 3)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 6])
+def test_matches_reference_lru_on_random_requests(slots):
+    g = torch.Generator().manual_seed(slots)
+    requests = [sorted(set(torch.randint(0, E, (3,), generator=g).tolist())) for _ in range(80)]
+    cache = make_cache(slots)
+    for needed in requests:
+        assert sorted(run(cache, 0, needed)) == needed
+    hits, misses = lru_reference(requests, slots)
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (hits, misses)
+    consistent(cache)
+
+
+def test_hits_compute_before_misses_and_waves_when_slots_are_few():
+    cache = make_cache(slots=2)
+    run(cache, 0, [4])
+    order = run(cache, 0, [1, 3, 4])           # 4 is resident: it computes first
+    assert order[0] == 4 and sorted(order) == [1, 3, 4]
+    cache1 = make_cache(slots=1)
+    assert run(cache1, 0, [0, 2, 5]) == [0, 2, 5]   # one slot reused three times
+    assert cache1.stats()["misses"] == 3
+    consistent(cache1)
+
+
+def test_prefetch_never_evicts_another_guess_and_counts():
+    cache = make_cache(slots=2)
+    cache.prefetch(1, [3, 4, 5])               # only two fit; 5 must not evict 3 or 4
+    assert sorted(cache.resident(1)) == [3, 4]
+    assert cache.stats()["prefetches"] == 2
+    run(cache, 1, [3])                          # used: a prefetch hit
+    s = cache.stats()
+    assert (s["hits"], s["prefetch_hits"], s["misses"]) == (1, 1, 0)
+    run(cache, 1, [0, 1])                       # evicts 4 (never used: wasted) and 3
+    s = cache.stats()
+    assert s["prefetch_wasted"] == 1 and s["misses"] == 2
+    assert s["bytes_to_device"] == 4 * cache.store.nbytes
+    consistent(cache)
+
+
+def test_per_layer_stats_and_reset():
+    cache = make_cache(slots=2)
+    run(cache, 0, [0, 1])
+    run(cache, 1, [2])
+    per = cache.stats(per_layer=True)["per_layer"]
+    assert [p["misses"] for p in per] == [2, 1]
+    cache.reset_stats()
+    assert all(v == 0 for k, v in cache.stats().items())
+
+
+def test_interrupt_mid_layer_leaves_a_consistent_cache():
+    cache = make_cache(slots=2)
+    run(cache, 0, [0, 1])
+
+    def explode(expert, views):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.run_layer(0, [2, 3, 4], explode)
+    consistent(cache)
+    assert sorted(run(cache, 0, [2, 3])) == [2, 3]   # and it keeps working
+    consistent(cache)

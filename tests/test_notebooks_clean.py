@@ -1,0 +1,156 @@
+"""The committed notebooks are clean, built from their sources, and share one skeleton.
+
+Clean: no outputs, no execution counts, no widget state (a notebook saved from a live session
+carries all three, and they make diffs unreadable and leak state). Skeleton: the Colab badge of
+the notebook itself, a title, objectives, what you need, the USE_REAL_MIXTRAL flag, the
+Colab-only install cell that never installs torch, the runtime check, summary, exercises and
+what's next; Colab metadata asking for a T4. Executing them is nbval's job (`make test`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from moe_colab import _nbtools
+from moe_colab.runtime import COLAB_GPU_MENU, Runtime, describe
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+EXPECTED = ["00_index", "01_router_analysis", "02_expert_locality", "03_lru_cache", "04_speculative_loading"]
+HEADINGS = [r"^# \S", r"^## Objectives", r"^## What you need", r"^## 0\. Setup", r"^## Summary",
+            r"^## Exercises", r"^## What's next"]
+
+
+def load(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(path, as_version=4)
+
+
+def test_expected_notebooks_exist():
+    names = [p.stem for p in PATHS]
+    assert names == EXPECTED, f"notebooks/ holds {names}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_is_clean(path):
+    raw = json.loads(path.read_text())
+    nbformat.validate(nbformat.from_dict(raw))
+    assert "widgets" not in raw["metadata"], f"{path.name}: metadata.widgets holds saved widget state"
+    for i, cell in enumerate(raw["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], f"{path.name} cell {i} has outputs"
+            assert cell["execution_count"] is None, f"{path.name} cell {i} has an execution_count"
+        assert "execution" not in cell.get("metadata", {}), f"{path.name} cell {i} has timing metadata"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_skeleton(path):
+    nb = load(path)
+    assert nb.metadata.get("colab", {}).get("gpuType") == "T4", f"{path.name}: colab.gpuType is not T4"
+    assert nb.metadata.get("accelerator") == "GPU", f"{path.name}: accelerator is not GPU"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and _nbtools.colab_url(path.stem) in first.source, \
+        f"{path.name}: the first cell lacks this notebook's own Colab badge"
+
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    positions = []
+    for pattern in HEADINGS:
+        m = re.search(pattern, markdown, flags=re.M)
+        assert m, f"{path.name}: no heading matching {pattern!r}"
+        positions.append(m.start())
+    assert positions == sorted(positions), f"{path.name}: skeleton headings out of order"
+
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    flag = [i for i, s in enumerate(code) if re.search(r"^USE_REAL_MIXTRAL = False\b", s, flags=re.M)]
+    install = [i for i, s in enumerate(code) if "pip install" in s]
+    runtime = [i for i, s in enumerate(code) if "check_runtime(USE_REAL_MIXTRAL)" in s]
+    assert flag and install and runtime, f"{path.name}: flag/install/runtime cells missing"
+    assert flag[0] < install[0] < runtime[0] == install[0] + 1, f"{path.name}: setup cells out of order"
+    assert len(install) == 1, f"{path.name}: pip install appears in more than one cell"
+    src = code[install[0]]
+    guarded = re.search(r'^if "google\.colab" in sys\.modules:\n((?:    .*\n?)+)', src, flags=re.M)
+    assert guarded and "pip install" in guarded.group(1), f"{path.name}: the install is not Colab-only"
+    pip_line = next(l for l in src.splitlines() if "pip install" in l)
+    assert not re.search(r"\btorch\b", pip_line), f"{path.name}: the install cell would reinstall torch"
+    assert "enable_custom_widget_manager()" in guarded.group(1), f"{path.name}: Colab widgets not enabled"
+
+
+def test_notebooks_match_their_sources():
+    assert _nbtools.main(["--check"]) == 0, "run: python -m moe_colab._nbtools"
+    assert sorted(p.stem for p in _nbtools.sources()) == [p.stem for p in PATHS]
+
+
+# -- the builder itself ----------------------------------------------------------------------
+SOURCE = '''# %% [markdown]
+# {{badge}}
+# # Title
+# %%
+x = 1
+# %% [setup]
+# %% [markdown]
+# see {{badge 01_other}}
+'''
+
+
+def test_builder_expands_and_is_deterministic(tmp_path):
+    src = tmp_path / "07_demo.py"
+    src.write_text(SOURCE)
+    a, b = _nbtools.render(_nbtools.build(src)), _nbtools.render(_nbtools.build(src))
+    assert a == b
+    nb = nbformat.reads(a, as_version=4)
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds == ["markdown", "code", "markdown", "code", "code", "markdown"]
+    assert _nbtools.colab_url("07_demo") in nb.cells[0].source
+    assert _nbtools.colab_url("01_other") in nb.cells[-1].source
+    assert nb.cells[1].source == "x = 1" and nb.cells[0].source.endswith("# Title")
+
+
+def test_builder_rejects_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="before the first"):
+        _nbtools.parse("x = 1\n# %%\ny = 2\n")
+    with pytest.raises(ValueError, match="not written as a comment"):
+        _nbtools.parse("# %% [markdown]\nplain text\n")
+    with pytest.raises(ValueError, match="unknown cell kind"):
+        _nbtools.parse("# %% [raw]\n# x\n")
+
+
+def test_clean_strips_a_saved_session(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3)]
+    nb.cells[0].execution_count = 3
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    path = tmp_path / "saved.ipynb"
+    nbformat.write(nb, path)
+    _nbtools.clean(path)
+    raw = json.loads(path.read_text())
+    assert raw["cells"][0]["outputs"] == [] and raw["cells"][0]["execution_count"] is None
+    assert "widgets" not in raw["metadata"]
+
+
+# -- the runtime check the setup cell prints -------------------------------------------------
+def _rt(**kw):
+    base = dict(colab=False, device="cpu", gpu_name=None, gpu_memory_gb=None, model="tiny",
+                dtype_name="float32", real_mixtral=False)
+    return Runtime(**{**base, **kw})
+
+
+def test_runtime_tells_colab_cpu_users_the_menu_path():
+    text = describe(_rt(colab=True))
+    assert COLAB_GPU_MENU in text and "T4 GPU" in COLAB_GPU_MENU
+    assert COLAB_GPU_MENU not in describe(_rt(colab=False))
+    gpu = describe(_rt(colab=True, device="cuda", gpu_name="Tesla T4", gpu_memory_gb=14.7,
+                       model="mixtral-8x7b-instruct", dtype_name="float16", real_mixtral=True))
+    assert COLAB_GPU_MENU not in gpu and "Tesla T4" in gpu
+
+
+def test_runtime_falls_back_to_tiny_without_gpu():
+    import torch
+    from moe_colab.runtime import check_runtime
+    rt = check_runtime(True, verbose=False)
+    assert rt.real_mixtral == torch.cuda.is_available()
+    assert rt.model == ("mixtral-8x7b-instruct" if rt.real_mixtral else "tiny")
+    if not rt.real_mixtral:
+        assert "using the small 'tiny' model" in describe(rt, asked_for_real=True)
