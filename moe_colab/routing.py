@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -180,6 +181,46 @@ def _as_batch_one(input_ids) -> torch.Tensor:
     return ids
 
 
+@contextmanager
+def router_hooks(model):
+    """Record every router call of ``model`` while the block runs.
+
+    Yields ``calls``: per layer, a list of (indices [n, k], weights [n, k]) per router call.
+    The hooks are removed on exit, also when the model raised.
+    """
+    top_k = _adapter(model).top_k(model.config)
+    gates = routers(model)
+    calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in gates]
+
+    def hook_for(layer: int):
+        def hook(module, args, output):
+            i, w = _top_k_from_output(output, top_k)
+            calls[layer].append((i.detach().long(), w.detach().float()))
+        return hook
+
+    handles = [g.register_forward_hook(hook_for(l)) for l, g in enumerate(gates)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_calls(calls, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts [L, T, k], weights [L, T, k]) on the CPU from router_hooks' calls, checking that
+    every layer routed exactly ``num_tokens`` tokens."""
+    for layer, c in enumerate(calls):
+        n = sum(i.shape[0] for i, _ in c)
+        if n != num_tokens:
+            raise RuntimeError(
+                f"the router of layer {layer} routed {n} tokens in {len(c)} calls, expected {num_tokens}: "
+                f"is it called more than once per forward (e.g. to guess experts)? Guesses must use "
+                f"the router's weight (adapter.router_probs), not call the router module.")
+    experts = torch.stack([torch.cat([i for i, _ in c]).cpu() for c in calls])     # [L, T, k]
+    weights = torch.stack([torch.cat([w for _, w in c]).cpu() for c in calls])     # [L, T, k]
+    return experts, weights
+
+
 @torch.no_grad()
 def record_routing(model, input_ids, *, max_new_tokens: int | None = None,
                    generate_kwargs: dict | None = None, tokenizer=None) -> RoutingTrace:
@@ -195,18 +236,7 @@ def record_routing(model, input_ids, *, max_new_tokens: int | None = None,
     """
     ids = _as_batch_one(input_ids).to(model.device)
     generating = max_new_tokens is not None or generate_kwargs is not None
-    top_k = _adapter(model).top_k(model.config)
-    gates = routers(model)
-    calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in gates]
-
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            i, w = _top_k_from_output(output, top_k)
-            calls[layer].append((i.detach().long(), w.detach().float()))
-        return hook
-
-    handles = [g.register_forward_hook(hook_for(l)) for l, g in enumerate(gates)]
-    try:
+    with router_hooks(model) as calls:
         if not generating:
             model(input_ids=ids, use_cache=False)
             all_ids = ids[0]
@@ -224,20 +254,7 @@ def record_routing(model, input_ids, *, max_new_tokens: int | None = None,
                 kv = kv if kv is not None else getattr(out, "past_key_values", None)
                 name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
                 model(input_ids=all_ids[None, -1:], use_cache=True, **{name: kv})
-    finally:
-        for h in handles:
-            h.remove()
-
-    T = all_ids.numel()
-    for layer, c in enumerate(calls):
-        n = sum(i.shape[0] for i, _ in c)
-        if n != T:
-            raise RuntimeError(
-                f"the router of layer {layer} routed {n} tokens in {len(c)} calls, expected {T}: is it "
-                f"called more than once per forward (e.g. to guess experts)? Guesses must use the "
-                f"router's weight (adapter.router_probs), not call the router module.")
-    experts = torch.stack([torch.cat([i for i, _ in c]).cpu() for c in calls])     # [L, T, k]
-    weights = torch.stack([torch.cat([w for _, w in c]).cpu() for c in calls])     # [L, T, k]
+    experts, weights = stack_calls(calls, all_ids.numel())
     tokens = None
     if tokenizer is not None:
         tokens = tokenizer.convert_ids_to_tokens(all_ids.tolist())

@@ -15,8 +15,10 @@ Policies (the victim among the evictable residents):
     "lru"     least recently used
     "lfu"     fewest uses so far in the whole trace (resident or not), ties: least recent
     "fifo"    loaded earliest (hits do not refresh)
-    "belady"  next use farthest in the future, never-again first (offline optimum; needs the
-              future, so it bounds what any online policy could reach)
+    "belady"  next use farthest in the future, never-again first (offline optimum for
+              cache_size >= top_k; needs the future, so it bounds what an online policy can
+              reach. Below top_k a token's experts run in waves, hits first, so the order of
+              single loads depends on the policy's own state and it is only a heuristic)
 
 ``simulate_prefetch`` adds speculative loading in front of LRU: before layer l runs at token t,
 the guessed experts of layer l (made from layer l-1's hidden state) are loaded.
@@ -193,12 +195,12 @@ def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: i
                     unused_prefetch.add(g)
             served = [e for e in needed if e in unused_prefetch and e in cache.resident]
             stats["prefetch_hits"] += len(served)
+            unused_prefetch -= set(served)
             resident_before = set(cache.resident)
             dh, dm = cache.step(t, needed)
             # Demand misses may evict unused prefetches too.
             stats["prefetch_wasted"] += len((resident_before - cache.resident) & unused_prefetch)
             unused_prefetch &= cache.resident
-            unused_prefetch -= set(needed)
             h, m = h + dh, m + dm
         per_hits.append(h)
         per_misses.append(m)

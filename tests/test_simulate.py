@@ -101,9 +101,12 @@ def test_properties_on_random_traces(case):
     for r in results.values():
         assert r["hits"] + r["misses"] == L * T * k
         assert sum(r["per_layer"]["hits"]) == r["hits"]
-    for p in ("lru", "lfu", "fifo"):
-        # Belady's offline optimum: never fewer hits than an online policy.
-        assert results["belady"]["hits"] >= results[p]["hits"], p
+    if size >= k:
+        # Belady's offline optimum: never fewer hits than an online policy. (Below top_k the
+        # engine runs a token's experts in waves, hits first, so the order of single loads
+        # depends on the policy's own state and farthest-next-use is no longer optimal.)
+        for p in ("lru", "lfu", "fifo"):
+            assert results["belady"]["hits"] >= results[p]["hits"], p
     if size == E:
         distinct = [len(set(trace.experts[l].reshape(-1).tolist())) for l in range(L)]
         for r in results.values():
