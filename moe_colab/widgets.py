@@ -23,7 +23,9 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, Figure 1 (routing) and Figure 2 (c
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
+import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
@@ -122,58 +124,53 @@ def expert_load_figure(trace, title: str | None = None) -> go.Figure:
     return fig
 
 
-def cache_figure(trace, hits, tokens=None, title: str | None = None) -> go.Figure:
-    """One cell per (layer, token): green = every needed expert was cached, red = none was.
-    ``hits`` is bool [L, T, K] (True = that expert use was a hit)."""
+def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = None) -> go.Figure:
+    """One cell per (layer, token): green = every needed expert was cached, red = none was."""
     experts, _ = _arrays(trace)
-    hits = np.asarray(_to_numpy(hits), dtype=bool)
-    if hits.shape != experts.shape:
-        raise ValueError(f"hits has shape {hits.shape}, expected the trace's {experts.shape}")
     L, T, K = experts.shape
-    misses = K - hits.sum(-1)                                # [L, T] in 0..K
+    misses = K - events.hit_counts                           # [L, T] in 0..K
     labels = token_labels(trace, tokens)
-    marks = np.empty((L, T), dtype=object)
-    for l in range(L):
-        for t in range(T):
-            marks[l, t] = ", ".join(f"e{e} {'hit' if h else 'MISS'}" for e, h in zip(experts[l, t], hits[l, t]))
     text = np.array([html.escape(s) for s in labels], dtype=object)
-    custom = np.stack([np.broadcast_to(text, (L, T)), marks], axis=-1)
+    custom = np.stack([np.broadcast_to(text, (L, T)), events.describe(experts)], axis=-1)
     scale = [[0, HIT_MISS_COLOURS[0]], [0.5, HIT_MISS_COLOURS[1]], [1, HIT_MISS_COLOURS[2]]]
     fig = go.Figure(go.Heatmap(
         z=misses, x=list(range(T)), y=list(range(L)), customdata=custom, zmin=0, zmax=K,
         colorscale=scale, xgap=1, ygap=1, colorbar=dict(title="misses", tickvals=list(range(K + 1))),
         hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>%{customdata[1]}<extra></extra>"))
     fig.update_layout(
-        title=title or f"Cache over time: hit ratio {hits.mean():.2f}",
+        title=title or events.title(),
         xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
         yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
         margin=dict(l=60, r=20, t=50, b=90))
     return fig
 
 
-def hit_ratio_figure(trace, policies=POLICIES, prefetch: int = 0) -> go.Figure:
-    """Hit ratio against cache size, one line per policy: the static summary of cache_explorer."""
-    experts, _ = _arrays(trace)
-    E = _num_experts(trace, experts)
+def hit_ratio_figure(trace, policies=POLICIES, prefetch: int = 0, guesses=None) -> go.Figure:
+    """Hit ratio against cache size, one line per policy (plus LRU with prefetch when guesses
+    are given): the static summary of cache_explorer."""
+    E = trace.num_experts
+    sizes = list(range(1, E + 1))
     fig = go.Figure()
     for policy in policies:
-        ratios = [float(cache_hits(trace, k, policy, prefetch).mean()) for k in range(1, E + 1)]
-        fig.add_trace(go.Scatter(x=list(range(1, E + 1)), y=ratios, mode="lines+markers", name=policy))
-    fig.update_layout(title=f"Hit ratio vs cache size (prefetch {prefetch})", xaxis=dict(title="experts cached per layer", dtick=1),
+        fig.add_trace(go.Scatter(x=sizes, y=[cache_events(trace, k, policy).hit_ratio for k in sizes],
+                                 mode="lines+markers", name=policy))
+    if guesses is not None and prefetch:
+        fig.add_trace(go.Scatter(x=sizes, y=[cache_events(trace, k, "lru", prefetch, guesses).hit_ratio
+                                             for k in sizes], mode="lines+markers", name=f"lru + prefetch {prefetch}"))
+    fig.update_layout(title="Hit ratio vs experts cached per layer", xaxis=dict(title="cache size", dtick=1),
                       yaxis=dict(title="hit ratio", range=[0, 1.02]), height=360, margin=dict(l=60, r=20, t=50, b=50))
     return fig
 
 
-def text_table(trace, tokens=None, hits=None, max_tokens: int = 40) -> str:
-    """Plain text: one row per token, one column per layer, the top-1 expert (``*`` marks a miss)."""
+def text_table(trace, tokens=None, events: "CacheEvents | None" = None, max_tokens: int = 40) -> str:
+    """Plain text: one row per token, one column per layer, the top-1 expert (``*``: a miss)."""
     experts, _ = _arrays(trace)
-    L, T, _ = experts.shape
+    L, T, K = experts.shape
     labels = token_labels(trace, tokens)
-    hits = None if hits is None else np.asarray(_to_numpy(hits), dtype=bool)
-    width = max(len(s) for s in labels[:max_tokens]) if T else 5
+    width = max([5] + [len(s) for s in labels[:max_tokens]])
     rows = [f"{'token':>{width}} | " + " ".join(f"L{l:<3d}" for l in range(L))]
     for t in range(min(T, max_tokens)):
-        cells = [f"e{experts[l, t, 0]}" + ("*" if hits is not None and not hits[l, t].all() else "")
+        cells = [f"e{experts[l, t, 0]}" + ("*" if events is not None and events.hit_counts[l, t] < K else "")
                  for l in range(L)]
         rows.append(f"{labels[t]:>{width}} | " + " ".join(f"{c:<4s}" for c in cells))
     if T > max_tokens:
@@ -181,14 +178,74 @@ def text_table(trace, tokens=None, hits=None, max_tokens: int = 40) -> str:
     return "\n".join(rows)
 
 
-# -- cache events: from the simulator --------------------------------------------------------
-def cache_hits(trace, cache_size: int, policy: str = "lru", prefetch: int = 0) -> np.ndarray:
-    """bool [L, T, K]: was each expert use a hit for this cache size, policy and prefetch count?"""
-    from .simulate import simulate_cache
+# -- cache events: replayed by the simulator -------------------------------------------------
+@dataclass
+class CacheEvents:
+    """What happened at every (layer, token) of a trace for one cache configuration."""
 
-    kwargs = {"prefetch": prefetch} if prefetch else {}
-    result = simulate_cache(trace, cache_size, policy=policy, **kwargs)
-    return np.asarray(_to_numpy(result["events"]), dtype=bool)
+    policy: str
+    cache_size: int
+    prefetch: int
+    hit_counts: np.ndarray          # int [L, T]: how many of the token's top_k experts were hits
+    hits: np.ndarray | None         # bool [L, T, K] per expert use (None: only counts are known)
+    hit_ratio: float
+
+    def describe(self, experts: np.ndarray) -> np.ndarray:
+        """Hover text per cell: "e3 hit, e5 MISS" (or "1 of 2 hits" with counts only)."""
+        L, T, K = experts.shape
+        out = np.empty((L, T), dtype=object)
+        for l in range(L):
+            for t in range(T):
+                if self.hits is not None:
+                    out[l, t] = ", ".join(f"e{e} {'hit' if h else 'MISS'}" for e, h in zip(experts[l, t], self.hits[l, t]))
+                else:
+                    out[l, t] = f"experts {', '.join(f'e{e}' for e in experts[l, t])}: {self.hit_counts[l, t]} of {K} hits"
+        return out
+
+    def title(self) -> str:
+        pf = f" + prefetch {self.prefetch}" if self.prefetch else ""
+        return f"{self.policy.upper()}{pf}, cache of {self.cache_size} per layer: hit ratio {self.hit_ratio:.2f}"
+
+
+def cache_events(trace, cache_size: int, policy: str = "lru", prefetch: int = 0, guesses=None) -> CacheEvents:
+    """Hits and misses of every expert use, from moe_colab.simulate (no second simulator here).
+
+    Without prefetch each layer is replayed through simulate's own per-layer cache, reading
+    which of the token's experts were resident before its step (exactly simulate_cache's
+    counts). With prefetch (``guesses`` [layers, tokens, n] as simulate_prefetch takes them), the
+    per-token counts come from simulate_prefetch on growing prefixes of the trace: LRU with
+    prefetch never looks ahead, so a prefix replays exactly like the start of the whole trace.
+    """
+    from . import simulate
+    from .routing import RoutingTrace
+
+    experts, _ = _arrays(trace)
+    L, T, K = experts.shape
+    if prefetch:
+        if guesses is None:
+            raise ValueError("prefetch > 0 needs guesses [layers, tokens, n] (see moe_colab.simulate.simulate_prefetch)")
+        full = simulate.simulate_prefetch(trace, guesses, cache_size, prefetch)
+        cumulative = np.zeros((L, T + 1), dtype=np.int64)    # hits of tokens < t, per layer
+        for t in range(1, T + 1):
+            part = RoutingTrace(trace.experts[:, :t], num_experts=trace.num_experts)
+            cumulative[:, t] = simulate.simulate_prefetch(part, _to_tensor(guesses)[:, :t], cache_size,
+                                                          prefetch)["per_layer"]["hits"]
+        counts = np.diff(cumulative, axis=1)
+        assert counts.sum() == full["hits"], "prefix replay disagrees with simulate_prefetch"
+        return CacheEvents("lru", cache_size, full["prefetch"], counts, None, full["hit_ratio"])
+    simulate._check(trace, cache_size, policy)
+    hits = np.zeros((L, T, K), dtype=bool)
+    for l, requests in enumerate(simulate._layer_requests(trace)):
+        cache = simulate._LayerCache(cache_size, policy, requests)
+        for t, needed in enumerate(requests):
+            hits[l, t] = [e in cache.resident for e in experts[l, t]]
+            cache.step(t, needed)
+    return CacheEvents(policy, cache_size, 0, hits.sum(-1), hits, float(hits.mean()) if hits.size else 0.0)
+
+
+def _to_tensor(x):
+    import torch
+    return torch.as_tensor(x)
 
 
 # -- widgets ---------------------------------------------------------------------------------
@@ -201,68 +258,56 @@ def routing_heatmap(trace, tokens=None, *, interactive: bool | None = None):
     fig = routing_figure(trace, tokens)
     if not _interactive(interactive):
         return fig
-    import ipywidgets as widgets
     box = widgets.VBox([go.FigureWidget(fig)])
     box.add_class("moe-routing-heatmap")
     return box
 
 
-def cache_timeline(trace, cache_size: int = 4, policy: str = "lru", tokens=None, *,
-                   prefetch: int = 0, interactive: bool | None = None):
-    hits = cache_hits(trace, cache_size, policy, prefetch)
-    fig = cache_figure(trace, hits, tokens, title=_timeline_title(policy, cache_size, prefetch, hits.mean()))
+def cache_timeline(trace, cache_size: int = 4, policy: str = "lru", tokens=None, *, prefetch: int = 0,
+                   guesses=None, interactive: bool | None = None):
+    """Hit or miss per layer per token for one cache configuration."""
+    fig = cache_figure(trace, cache_events(trace, cache_size, policy, prefetch, guesses), tokens)
     if not _interactive(interactive):
         return fig
-    import ipywidgets as widgets
     box = widgets.VBox([go.FigureWidget(fig)])
     box.add_class("moe-cache-timeline")
     return box
 
 
-def _timeline_title(policy: str, k: int, prefetch: int, ratio: float) -> str:
-    pf = f", prefetch {prefetch}" if prefetch else ""
-    return f"{policy.upper()}, {k} experts cached per layer{pf}: hit ratio {ratio:.2f}"
-
-
-def cache_explorer(trace, tokens=None, *, cache_size: int = 4, prefetch: int = 0, policy: str = "lru",
-                   policies=POLICIES, max_prefetch: int | None = None, interactive: bool | None = None):
-    """Sliders for cache size and prefetch count and a policy menu; the hit ratio readout and the
-    cache timeline follow them. Static mode returns ``hit_ratio_figure`` instead."""
+def cache_explorer(trace, tokens=None, *, cache_size: int = 4, policy: str = "lru", prefetch: int = 0,
+                   guesses=None, policies=POLICIES, interactive: bool | None = None):
+    """Sliders for cache size and prefetch count and a policy menu; the "hit ratio" readout and
+    the cache timeline follow them. Prefetch needs ``guesses`` (then the policy is LRU, as in the
+    engine). Static mode returns ``hit_ratio_figure`` instead."""
     if policy not in policies:
         raise ValueError(f"policy {policy!r} is not one of {tuple(policies)}")
     if not _interactive(interactive):
-        return hit_ratio_figure(trace, policies, prefetch)
-    return CacheExplorer(trace, tokens, cache_size, prefetch, policy, policies, max_prefetch)
+        return hit_ratio_figure(trace, policies, prefetch, guesses)
+    return CacheExplorer(trace, tokens, cache_size, policy, prefetch, guesses, policies)
 
 
-def _explorer_base():
-    import ipywidgets as widgets
-    return widgets.VBox
+class CacheExplorer(widgets.VBox):
+    """[cache size slider, prefetch slider, policy menu], the hit ratio readout, the timeline.
+    Its parts: ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout``, ``.figure``, ``.events``."""
 
-
-class CacheExplorer(_explorer_base()):
-    """A VBox: [cache size slider, prefetch slider, policy menu], hit ratio readout, timeline.
-    ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout`` and ``.figure`` are its parts."""
-
-    def __init__(self, trace, tokens, cache_size, prefetch, policy, policies, max_prefetch):
-        import ipywidgets as widgets
-
-        experts, _ = _arrays(trace)
-        E = _num_experts(trace, experts)
-        self.trace, self.tokens = trace, tokens
+    def __init__(self, trace, tokens, cache_size, policy, prefetch, guesses, policies):
+        E = trace.num_experts
+        self.trace, self.tokens, self.guesses = trace, tokens, guesses
+        max_prefetch = 0 if guesses is None else min(E, _to_tensor(guesses).shape[-1])
         style = {"description_width": "80px"}
-        self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E, step=1,
+        self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E,
                                             description="cache size", continuous_update=False, style=style)
-        self.prefetch = widgets.IntSlider(value=prefetch, min=0, max=E if max_prefetch is None else max_prefetch,
-                                          step=1, description="prefetch", continuous_update=False, style=style)
+        self.prefetch = widgets.IntSlider(value=min(prefetch, max_prefetch), min=0, max=max(max_prefetch, 1),
+                                          description="prefetch", continuous_update=False, style=style,
+                                          disabled=max_prefetch == 0)
         self.policy = widgets.Dropdown(options=list(policies), value=policy, description="policy", style=style)
         self.readout = widgets.HTML()
         for w, cls in ((self.cache_size, "moe-cache-size"), (self.prefetch, "moe-prefetch"),
                        (self.policy, "moe-policy"), (self.readout, "moe-hit-ratio")):
             w.add_class(cls)
-        hits = cache_hits(trace, self.cache_size.value, policy, prefetch)
-        self.figure = go.FigureWidget(cache_figure(trace, hits, tokens))
-        self._show(hits)
+        self.events = self._events()
+        self.figure = go.FigureWidget(cache_figure(trace, self.events, tokens))
+        self._show()
         super().__init__([widgets.HBox([self.cache_size, self.prefetch, self.policy]), self.readout, self.figure])
         self.add_class("moe-cache-explorer")
         for w in (self.cache_size, self.prefetch, self.policy):
@@ -270,18 +315,22 @@ class CacheExplorer(_explorer_base()):
 
     @property
     def hit_ratio(self) -> float:
-        return self._ratio
+        return self.events.hit_ratio
 
-    def _show(self, hits: np.ndarray) -> None:
-        self._ratio = float(hits.mean())
-        self.readout.value = f"<b>hit ratio: {self._ratio:.2f}</b>"
+    def _events(self) -> CacheEvents:
+        p = self.prefetch.value
+        self.policy.disabled = p > 0          # prefetch is simulated in front of LRU only
+        policy = "lru" if p else self.policy.value
+        return cache_events(self.trace, self.cache_size.value, policy, p, self.guesses)
+
+    def _show(self) -> None:
+        self.readout.value = f"<b>hit ratio: {self.events.hit_ratio:.2f}</b> ({self.events.title()})"
 
     def _update(self, change=None) -> None:
-        k, p, policy = self.cache_size.value, self.prefetch.value, self.policy.value
-        hits = cache_hits(self.trace, k, policy, p)
-        self._show(hits)
-        experts, _ = _arrays(self.trace)
+        self.events = self._events()
+        self._show()
+        fig = cache_figure(self.trace, self.events, self.tokens)
         with self.figure.batch_update():
-            self.figure.data[0].z = experts.shape[2] - hits.sum(-1)
-            self.figure.data[0].customdata = cache_figure(self.trace, hits, self.tokens).data[0].customdata
-            self.figure.layout.title.text = _timeline_title(policy, k, p, self._ratio)
+            self.figure.data[0].z = fig.data[0].z
+            self.figure.data[0].customdata = fig.data[0].customdata
+            self.figure.layout.title.text = fig.layout.title.text
