@@ -75,6 +75,8 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, experts_on_device: int, device: torch.device):
         self.store, self.device = store, torch.device(device)
         self.experts_on_device = experts_on_device
+        # reuse=False turns the cache off (every use is a miss): the "no cache" ablation row.
+        self.reuse = True
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         layout = store.format.layout
@@ -117,6 +119,11 @@ class ExpertCache:
         for the next layer there, so those copies queue behind this layer's own).
         """
         lc = self.layers[layer]
+        if not self.reuse:
+            for slot in lc.slots:
+                if slot.expert is not None:
+                    del lc.lru[slot.expert]
+                    slot.expert, slot.prefetched = None, False
         remaining = set(needed)
         hits = [e for e in needed if e in lc.lru]
         misses = [e for e in needed if e not in lc.lru]

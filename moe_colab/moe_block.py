@@ -31,6 +31,9 @@ class OffloadedMoE(nn.Module):
         self.gate = router                      # same name as transformers' block: hooks still find it
         self.cache = cache                      # plain attribute: not a submodule, not moved by .to()
         self.speculator = speculator            # guesses layer l+1's experts (None: no prefetch)
+        # Optional replacement of the router's choice, (layer, x [T, H]) -> (weights, indices)
+        # [T, k] each: the benchmark replays recorded routing traces through it.
+        self.route_fn = None
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, experts={self.num_experts}, top_k={self.top_k}, "
@@ -40,7 +43,10 @@ class OffloadedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape                                     # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])                        # [T, H]
-        _, top_w, top_i = self.gate(x)                                  # [T, k], [T, k]
+        if self.route_fn is None:
+            _, top_w, top_i = self.gate(x)                              # [T, k], [T, k]
+        else:
+            top_w, top_i = self.route_fn(self.layer_idx, x)
         flat = top_i.reshape(-1)                                        # [T*k]
         counts = torch.bincount(flat, minlength=self.num_experts)       # [E]
         spec = self.speculator

@@ -28,6 +28,9 @@ class Speculator:
         self.layer, self.count, self.source, self.cache = layer, count, source, cache
         self.next_norm, self.next_router = next_norm, next_router
         self.residual: torch.Tensor | None = None
+        # Optional replacement of the guess, (next layer) -> LongTensor [count]: the benchmark
+        # uses it to replay a trace with a chosen prefetch recall.
+        self.guess_fn = None
         # The residual stream is not an input of the MoE block: catch it on its way into the
         # norm that precedes the block.
         self._hook = own_norm.register_forward_pre_hook(self._catch_residual)
@@ -45,10 +48,14 @@ class Speculator:
         return torch.topk(score, self.count).indices                         # [count]
 
     def guess_before(self, x: torch.Tensor) -> torch.Tensor:
+        if self.guess_fn is not None:
+            return self.guess_fn(self.layer + 1)
         residual = self.residual if self.residual is not None else x
         return self._guess(residual)
 
     def guess_after(self, moe_out: torch.Tensor) -> torch.Tensor:
+        if self.guess_fn is not None:
+            return self.guess_fn(self.layer + 1)
         residual = self.residual.reshape(moe_out.shape) if self.residual is not None else 0
         return self._guess(residual + moe_out)
 
