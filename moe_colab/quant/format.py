@@ -1,0 +1,178 @@
+"""Quantized modules: an expert as ONE byte buffer, and low-bit attention projections.
+
+    QuantizedExpertFormat   the ExpertFormat (moe_colab/storage.py) of a low-bit expert: codes,
+                            scales and zeros of w1, w2, w3 under "w1.", "w2.", "w3." in one
+                            PackedLayout, so moving an expert is still a single copy
+    QuantLinear             nn.Linear replacement holding the same named tensors as buffers
+    quantize_trunk_         swap a Mixtral model's attention q/k/v/o projections for QuantLinear
+
+The matmuls go through ``moe_colab.quant.kernels.quant_linear`` (fused Triton dequant + GEMV on
+CUDA) when that module exists, else through the reference ``packing.quant_linear_torch``.
+
+Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.2-3.3.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..storage import DenseExpertFormat, PackedLayout
+from .config import QuantConfig
+from .matrix import quantize_matrix
+from .packing import quant_linear_torch, tensor_shapes
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QUANT_LINEAR = None
+
+
+def quant_linear(x, mat, bits, group_size, scale_group, shape):
+    """x [T, in] -> [T, out]: the kernels' dispatcher if moe_colab.quant.kernels exists, else torch."""
+    global _QUANT_LINEAR
+    if _QUANT_LINEAR is None:
+        try:
+            _QUANT_LINEAR = importlib.import_module("moe_colab.quant.kernels").quant_linear
+        except ModuleNotFoundError as e:
+            if e.name != "moe_colab.quant.kernels":
+                warnings.warn(f"moe_colab.quant.kernels could not be imported ({e}); using the torch path")
+            _QUANT_LINEAR = quant_linear_torch
+        except (ImportError, AttributeError) as e:
+            warnings.warn(f"moe_colab.quant.kernels could not be imported ({e}); using the torch path")
+            _QUANT_LINEAR = quant_linear_torch
+    return _QUANT_LINEAR(x, mat, bits, group_size, scale_group, shape)
+
+
+class QuantizedExpertFormat:
+    """One expert = w1 [I, H], w2 [H, I], w3 [I, H] in the low-bit format, in one buffer."""
+
+    names = ("w1", "w2", "w3")
+
+    def __init__(self, hidden: int, intermediate: int, qcfg: QuantConfig, dtype: torch.dtype = torch.float16,
+                 act=F.silu):
+        bits, group_size, scale_group = qcfg.matrix("expert")
+        if bits == 16:
+            raise ValueError("expert_bits=16: experts are not quantized; use storage.DenseExpertFormat "
+                             "(or quant.format.expert_format, which picks the right one)")
+        self.hidden, self.intermediate, self.qcfg, self.dtype, self.act = hidden, intermediate, qcfg, dtype, act
+        self.bits, self.group_size, self.scale_group = bits, group_size, scale_group
+        self.shapes = {"w1": (intermediate, hidden), "w2": (hidden, intermediate), "w3": (intermediate, hidden)}
+        entries = []
+        for name in self.names:
+            for t, (shape, dt) in tensor_shapes(bits, self.shapes[name], group_size, scale_group).items():
+                entries.append((f"{name}.{t}", shape, dt))
+        self.layout = PackedLayout(entries)
+
+    def matrices(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """{"w1": {"q2": ..., "s_q": ...}, ...} from the flat views of one buffer."""
+        mats = {n: {} for n in self.names}
+        for key, t in views.items():
+            name, _, tensor = key.partition(".")
+            mats[name][tensor] = t
+        return mats
+
+    def write(self, views, name, weight, device=None):
+        if name not in self.shapes:
+            raise KeyError(f"unknown expert matrix {name!r}; expected one of {self.names}")
+        if tuple(weight.shape) != self.shapes[name]:
+            raise ValueError(f"expert weight {name} has shape {tuple(weight.shape)}, expected {self.shapes[name]}")
+        mat = quantize_matrix(weight, self.bits, self.group_size, self.scale_group, device)
+        for t, value in mat.items():
+            views[f"{name}.{t}"].copy_(value)
+
+    def forward(self, views, x):
+        m = self.matrices(views)
+        q = (self.bits, self.group_size, self.scale_group)
+        gate = quant_linear(x, m["w1"], *q, self.shapes["w1"])          # [T, I]
+        up = quant_linear(x, m["w3"], *q, self.shapes["w3"])            # [T, I]
+        return quant_linear(self.act(gate) * up, m["w2"], *q, self.shapes["w2"])   # [T, H]
+
+
+def expert_format(config, qcfg: QuantConfig | None, dtype: torch.dtype = torch.float16, act=None):
+    """The ExpertFormat for a MixtralConfig and scheme: dense for None or expert_bits=16."""
+    if act is None:
+        from transformers.activations import ACT2FN
+        act = ACT2FN[config.hidden_act]
+    h, i = config.hidden_size, config.intermediate_size
+    if qcfg is None or qcfg.expert_bits == 16:
+        return DenseExpertFormat(h, i, dtype, act)
+    return QuantizedExpertFormat(h, i, qcfg, dtype, act)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored in the low-bit format (buffers q4|q2|q1, s_*, z_*)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, scale_group: int,
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.scale_group = bits, group_size, scale_group
+        for name, (shape, dt) in tensor_shapes(bits, (out_features, in_features), group_size, scale_group).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, scale_group: int, device=None):
+        """Quantize an nn.Linear (hqq + meta-quantization); the result sits on linear's device."""
+        W = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, bits, group_size, scale_group,
+                bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+        for name, value in quantize_matrix(W, bits, group_size, scale_group, device).items():
+            getattr(q, name).copy_(value)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def matrix(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.named_buffers(recurse=False) if name != "bias"}
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = quant_linear(x.reshape(-1, self.in_features), self.matrix(), self.bits, self.group_size,
+                         self.scale_group, (self.out_features, self.in_features))   # [T, out]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, scale_group={self.scale_group}")
+
+
+def _attention_modules(model):
+    from ..adapters.mixtral import MixtralAdapter
+    for layer in MixtralAdapter.decoder_layers(model):
+        yield layer.self_attn
+
+
+def quantize_trunk_(model, qcfg: QuantConfig | None, *, device=None):
+    """Replace the attention q/k/v/o projections of a transformers Mixtral model by QuantLinear,
+    in place (quantizing their weights); a no-op for None or attn_bits=16. Returns the model."""
+    if qcfg is None or qcfg.attn_bits == 16:
+        return model
+    qcfg.validate_for(model.config)
+    bits, g, sg = qcfg.matrix("attn")
+    for attn in _attention_modules(model):
+        for name in ATTN_PROJ:
+            lin = getattr(attn, name)
+            if isinstance(lin, QuantLinear):
+                raise ValueError(f"{name} is already quantized; quantize_trunk_ runs once per model")
+            setattr(attn, name, QuantLinear.from_linear(lin, bits, g, sg, device))
+    return model
+
+
+def attach_quant_linears_(model, qcfg: QuantConfig | None, *, device=None):
+    """Install EMPTY QuantLinear shells for the attention projections (to be filled by
+    load_state_dict from a quantized directory's trunk). A no-op for None or attn_bits=16."""
+    if qcfg is None or qcfg.attn_bits == 16:
+        return model
+    bits, g, sg = qcfg.matrix("attn")
+    for attn in _attention_modules(model):
+        for name in ATTN_PROJ:
+            lin = getattr(attn, name)
+            setattr(attn, name, QuantLinear(lin.in_features, lin.out_features, bits, g, sg,
+                                            bias=lin.bias is not None, device=device,
+                                            dtype=lin.weight.dtype))
+    return model
