@@ -155,18 +155,7 @@ def hit_ratio_table(trace: RoutingTrace, policies=POLICIES, sizes=None) -> dict[
     return {p: [simulate_cache(trace, s, p)["hit_ratio"] for s in sizes] for p in policies}
 
 
-def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: int) -> dict:
-    """LRU caches with speculative loading of ``prefetch`` guessed experts per layer and token.
-
-    guesses: LongTensor [layers, tokens, >= prefetch], the guessed experts of layer l at token t
-    in rank order (e.g. ``moe_colab.prefetch_recall.guess_experts``); -1 means no guess (layer 0
-    has no earlier layer to guess from). Before layer l's demand at token t, each guess that is
-    not resident is loaded, evicting the least recently used expert that is not a guess of the
-    same round; loaded guesses count as most recent. Returns simulate_cache's dict plus
-    "prefetches" (speculative loads), "prefetch_hits" (uses served by a prefetch) and
-    "prefetch_wasted" (prefetched experts evicted before any use).
-    """
-    _check(trace, cache_size, "lru")
+def _check_guesses(trace: RoutingTrace, guesses, prefetch: int) -> torch.Tensor:
     guesses = torch.as_tensor(guesses).long()
     L, T = trace.num_layers, trace.num_tokens
     if guesses.dim() != 3 or tuple(guesses.shape[:2]) != (L, T):
@@ -175,9 +164,15 @@ def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: i
         raise ValueError(f"prefetch={prefetch!r} must be an int in 0..{guesses.shape[2]} (guesses per token)")
     if guesses.numel() and int(guesses.max()) >= trace.num_experts:
         raise ValueError(f"guesses name expert {int(guesses.max())}; the trace has {trace.num_experts}")
-    count = min(prefetch, cache_size)          # more guesses than slots would evict each other
+    return guesses
+
+
+def _replay_prefetch(trace: RoutingTrace, guesses: torch.Tensor, cache_size: int, count: int):
+    """LRU + prefetch replay: (hit mask bool [L, T, k] in trace order, per-layer hits, misses,
+    and totals of prefetches, prefetch_hits, prefetch_wasted)."""
+    mask = torch.zeros(trace.experts.shape, dtype=torch.bool)
     per_hits, per_misses, stats = [], [], {"prefetches": 0, "prefetch_hits": 0, "prefetch_wasted": 0}
-    for requests, layer_guesses in zip(_layer_requests(trace), guesses[:, :, :count].tolist()):
+    for l, (requests, layer_guesses) in enumerate(zip(_layer_requests(trace), guesses[:, :, :count].tolist())):
         cache = _LayerCache(cache_size, "lru", requests)
         unused_prefetch: set[int] = set()
         h = m = 0
@@ -193,16 +188,59 @@ def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: i
                         stats["prefetch_wasted"] += 1
                     unused_prefetch.discard(evicted)
                     unused_prefetch.add(g)
-            served = [e for e in needed if e in unused_prefetch and e in cache.resident]
+            resident = set(cache.resident)
+            served = [e for e in needed if e in unused_prefetch]
             stats["prefetch_hits"] += len(served)
             unused_prefetch -= set(served)
-            resident_before = set(cache.resident)
             dh, dm = cache.step(t, needed)
             # Demand misses may evict unused prefetches too.
-            stats["prefetch_wasted"] += len((resident_before - cache.resident) & unused_prefetch)
+            stats["prefetch_wasted"] += len((resident - cache.resident) & unused_prefetch)
             unused_prefetch &= cache.resident
+            mask[l, t] = torch.tensor([e in resident for e in trace.experts[l, t].tolist()])
             h, m = h + dh, m + dm
         per_hits.append(h)
         per_misses.append(m)
+    return mask, per_hits, per_misses, stats
+
+
+def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: int) -> dict:
+    """LRU caches with speculative loading of ``prefetch`` guessed experts per layer and token.
+
+    guesses: LongTensor [layers, tokens, >= prefetch], the guessed experts of layer l at token t
+    in rank order (e.g. ``moe_colab.prefetch_recall.guess_experts``); -1 means no guess (layer 0
+    has no earlier layer to guess from). Before layer l's demand at token t, each guess that is
+    not resident is loaded, evicting the least recently used expert that is not a guess of the
+    same round; loaded guesses count as most recent (as ExpertCache.prefetch does). Returns
+    simulate_cache's dict plus "prefetches" (speculative loads), "prefetch_hits" (uses served
+    by a prefetch) and "prefetch_wasted" (prefetched experts evicted before any use).
+    """
+    _check(trace, cache_size, "lru")
+    guesses = _check_guesses(trace, guesses, prefetch)
+    count = min(prefetch, cache_size)          # more guesses than slots would evict each other
+    _, per_hits, per_misses, stats = _replay_prefetch(trace, guesses, cache_size, count)
     return _summary(per_hits, per_misses, policy="lru+prefetch", cache_size=cache_size,
                     prefetch=count, **stats)
+
+
+def hit_mask(trace: RoutingTrace, cache_size: int, policy: str = "lru", *, guesses=None,
+             prefetch: int = 0) -> torch.Tensor:
+    """bool [layers, tokens, top_k], aligned with ``trace.experts``: was that use a hit?
+
+    The per-use events behind simulate_cache (``prefetch=0``) or simulate_prefetch (LRU with
+    ``prefetch`` of ``guesses``); ``hit_mask(...).sum()`` equals their "hits"."""
+    _check(trace, cache_size, policy)
+    if prefetch:
+        if policy != "lru":
+            raise ValueError(f"prefetch is simulated in front of LRU only, not {policy!r}")
+        if guesses is None:
+            raise ValueError("prefetch > 0 needs guesses [layers, tokens, n]")
+        guesses = _check_guesses(trace, guesses, prefetch)
+        return _replay_prefetch(trace, guesses, cache_size, min(prefetch, cache_size))[0]
+    mask = torch.zeros(trace.experts.shape, dtype=torch.bool)
+    for l, requests in enumerate(_layer_requests(trace)):
+        cache = _LayerCache(cache_size, policy, requests)
+        for t, needed in enumerate(requests):
+            resident = set(cache.resident)
+            cache.step(t, needed)
+            mask[l, t] = torch.tensor([e in resident for e in trace.experts[l, t].tolist()])
+    return mask

@@ -172,3 +172,28 @@ def test_simulator_counts_what_the_engine_counts(case, data):
     eng = cache.stats()
     for name in ("hits", "misses", "prefetches", "prefetch_hits", "prefetch_wasted"):
         assert sim[name] == eng[name], name
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(), st.data())
+def test_hit_mask_adds_up_to_the_counts(case, data):
+    from moe_colab.simulate import hit_mask
+
+    trace, size = case
+    L, T, E = trace.num_layers, trace.num_tokens, trace.num_experts
+    for policy in POLICIES:
+        mask = hit_mask(trace, size, policy)
+        assert mask.shape == trace.experts.shape
+        assert mask.sum(dim=(1, 2)).tolist() == simulate_cache(trace, size, policy)["per_layer"]["hits"]
+    p = data.draw(st.integers(1, E))
+    guesses = torch.tensor([[data.draw(st.permutations(range(E)))[:p] for _ in range(T)] for _ in range(L)],
+                           dtype=torch.long).reshape(L, T, p)
+    mask = hit_mask(trace, size, guesses=guesses, prefetch=p)
+    assert int(mask.sum()) == simulate_prefetch(trace, guesses, size, p)["hits"]
+
+
+def test_hit_mask_by_hand():
+    # Trace A under LRU with 2 slots: hits at tokens 2, 4 and 7 (see the table above).
+    from moe_colab.simulate import hit_mask
+    mask = hit_mask(trace_of(*TRACE_A, num_experts=4), 2, "lru")
+    assert mask[0, :, 0].nonzero().reshape(-1).tolist() == [2, 4, 7]
