@@ -35,6 +35,7 @@ class LayerStats:
     prefetches: int = 0        # experts loaded speculatively
     prefetch_wasted: int = 0   # prefetched experts evicted before any use
     bytes_to_device: int = 0   # bytes copied host -> device, demand and prefetch
+    bytes_to_host: int = 0     # bytes copied back device -> host (swap mode only)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -85,28 +86,56 @@ class ExpertCache:
         self.layers = [LayerCache([Slot(i, mem[i], layout.views(mem[i]), self.cuda)
                                    for i in range(experts_on_device)])
                        for mem in self.slot_memory]
+        if store.swap:
+            # In swap mode the experts without a host row start in the first slots.
+            for l, lc in enumerate(self.layers):
+                for e, home in enumerate(store.home[l]):
+                    if home is None:
+                        slot = lc.slots[len(lc.lru)]
+                        slot.expert = e
+                        lc.lru[e] = slot
+
+    def write(self, layer: int, expert: int, name: str, weight: torch.Tensor) -> None:
+        """Load one original expert matrix wherever that expert lives (host row or slot)."""
+        lc = self.layers[layer]
+        views = lc.lru[expert].views if self.store.home[layer][expert] is None else None
+        self.store.write(layer, expert, name, weight, views=views)
 
     # -- copies ---------------------------------------------------------------------------
     def _load(self, layer: int, slot: Slot, expert: int, prefetched: bool) -> None:
-        lc = self.layers[layer]
+        lc, store = self.layers[layer], self.store
+        if self.cuda:
+            self.copy_stream.wait_event(slot.released)
         if slot.expert is not None:
+            old = slot.expert
             if slot.prefetched:
                 lc.stats.prefetch_wasted += 1
-            del lc.lru[slot.expert]
+            if store.swap and store.home[layer][old] is None:
+                # Swap mode: the slot holds the only copy; put it back in the spare host row
+                # first (same stream, so the copy in below waits for it).
+                row = store.free_row(layer)
+                self._copy(store.buffers[layer][row], slot.buffer)
+                store.home[layer][old] = row
+                lc.stats.bytes_to_host += store.nbytes
+            del lc.lru[old]
             # Forget the old expert before the copy starts: an interrupt from here on leaves an
             # empty slot, never a slot that claims an expert it does not hold.
             slot.expert = None
-        src = self.store.buffer(layer, expert)
+        self._copy(slot.buffer, store.buffer(layer, expert))
         if self.cuda:
-            self.copy_stream.wait_event(slot.released)
-            with torch.cuda.stream(self.copy_stream):
-                slot.buffer.copy_(src, non_blocking=True)
-                slot.ready.record(self.copy_stream)
-        else:
-            slot.buffer.copy_(src)
+            slot.ready.record(self.copy_stream)
         slot.expert, slot.prefetched = expert, prefetched
         lc.lru[expert] = slot
-        lc.stats.bytes_to_device += self.store.nbytes
+        if store.swap:
+            store.home[layer][expert] = None     # its host row is the spare now
+        lc.stats.bytes_to_device += store.nbytes
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src)
 
     # -- the two entry points used by the MoE block ----------------------------------------
     def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, dict], None],
@@ -120,6 +149,9 @@ class ExpertCache:
         """
         lc = self.layers[layer]
         if not self.reuse:
+            if self.store.swap:
+                raise RuntimeError("reuse=False (no cache) needs copy mode: in swap mode a slot "
+                                   "holds the only copy of its expert")
             for slot in lc.slots:
                 if slot.expert is not None:
                     del lc.lru[slot.expert]
@@ -201,7 +233,9 @@ class ExpertCache:
                 slot.prefetched = False
 
     def clear(self) -> None:
-        """Empty every slot (the next use of any expert is a miss)."""
+        """Empty every slot (the next use of any expert is a miss). Copy mode only."""
+        if self.store.swap:
+            raise RuntimeError("clear() would drop experts whose only copy is on the device (swap mode)")
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for lc in self.layers:

@@ -75,13 +75,16 @@ def _check_device(device) -> torch.device:
 
 
 def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, prefetch=2,
-               quant=None, dtype=torch.float16, guess_from: str = "before", progress: bool = True):
+               quant=None, dtype=torch.float16, guess_from: str = "before", swap: bool = False,
+               progress: bool = True):
     """Load a Mixtral-architecture checkpoint with its experts offloaded.
 
     path: a local directory (HF layout), a built-in name ("tiny") or a Hub id.
     experts_on_device: LRU slots per layer on the compute device (1..num_experts).
     prefetch: experts of the next layer loaded speculatively (0..num_experts; 0 = off).
     quant: None (16-bit), a preset name ("paper-2bit", "paper-3bit") or a QuantConfig.
+    swap: keep each expert either on the device or on the host, never both (host memory
+        (E - k + 1) / E of the experts instead of all; one extra device-to-host copy per miss).
     """
     directory = resolve(path)
     cfg_dict = read_config_dict(directory)
@@ -98,13 +101,15 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
         return load_quantized_model(directory, adapter, config, device=device,
                                           experts_on_device=experts_on_device, prefetch=prefetch,
                                           quant=quant, dtype=dtype, guess_from=guess_from,
-                                          progress=progress)
+                                          swap=swap, progress=progress)
 
     shards = shard_map(directory)       # validates every shard before anything large exists
     fmt = DenseExpertFormat(config.hidden_size, config.intermediate_size, dtype,
                             adapter.activation(config))
     model = build_trunk(adapter, config, dtype)
-    store = ExpertStore(adapter.num_layers(config), num_experts, fmt, pin=device.type == "cuda")
+    store = ExpertStore(adapter.num_layers(config), num_experts, fmt, pin=device.type == "cuda",
+                        device_first=experts_on_device if swap else 0)
+    cache = ExpertCache(store, experts_on_device, device)
 
     total = sum(len(v) for v in shards.values())
     bar = tqdm(total=total, desc=f"loading {directory.name}", unit="tensor", disable=not progress)
@@ -113,7 +118,7 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
         key = adapter.parse_expert_key(name)
         if key is not None:
             layer, expert, w = key
-            store.write(layer, expert, w, tensor.to(dtype))
+            cache.write(layer, expert, w, tensor.to(dtype))
         elif adapter.is_fused_expert_key(name):
             raise ValueError(f"{directory}: fused expert tensor {name!r}; this loader reads the original "
                              f"per-expert w1/w2/w3 layout")
@@ -124,9 +129,8 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     if missing:
         raise ValueError(f"{directory}: expert weights missing from the checkpoint, e.g. "
                          f"{[adapter.expert_key(*m) for m in missing[:3]]}")
-    return attach_experts(model, adapter, config, store, trunk_state, device=device,
-                          experts_on_device=experts_on_device, prefetch=prefetch, guess_from=guess_from,
-                          directory=directory)
+    return attach_experts(model, adapter, config, cache, trunk_state, device=device,
+                          prefetch=prefetch, guess_from=guess_from, directory=directory)
 
 
 def _is_quantized_dir(directory: Path) -> bool:
@@ -146,10 +150,10 @@ def build_trunk(adapter, config, dtype):
     return model.to(dtype)
 
 
-def attach_experts(model, adapter, config, store: ExpertStore, trunk_state: dict, *, device,
-                   experts_on_device: int, prefetch: int, guess_from: str, directory=None):
+def attach_experts(model, adapter, config, cache: ExpertCache, trunk_state: dict, *, device,
+                   prefetch: int, guess_from: str, directory=None):
     """Swap in OffloadedMoE blocks, materialise the trunk on ``device`` and load its weights."""
-    cache = ExpertCache(store, experts_on_device, device)
+    store = cache.store
     layers = adapter.decoder_layers(model)
     top_k = adapter.top_k(config)
     for l, layer in enumerate(layers):

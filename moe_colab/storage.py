@@ -111,23 +111,50 @@ class DenseExpertFormat:
 class ExpertStore:
     """All experts of all layers in host memory, one uint8 row per expert.
 
-    ``buffers[layer]`` is uint8 [num_experts, nbytes]; it is pinned when the compute device is
-    CUDA so that host-to-device copies are asynchronous and run at full PCIe speed.
+    ``buffers[layer]`` is uint8 [rows, nbytes]; it is pinned when the compute device is CUDA so
+    that host-to-device copies are asynchronous and run at full PCIe speed.
+
+    Two modes:
+      copy (device_first=0)  rows = E: every expert always has a host copy; a device slot holds
+                             a second copy, so evicting one costs nothing
+      swap (device_first=k)  rows = E - k + 1: an expert lives on the host OR on the device;
+                             experts 0..k-1 start on the device, and evicting one first copies
+                             it back into the spare row. Host memory drops by about k/E, at the
+                             price of a device-to-host copy per miss (what a 12.7 GB Colab needs)
+    ``home[layer][expert]`` is the row holding the expert, or None while only the device has it.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, pin: bool):
+    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, pin: bool,
+                 device_first: int = 0):
         self.num_layers, self.num_experts, self.format = num_layers, num_experts, fmt
         self.nbytes = fmt.layout.nbytes
-        self.buffers = [torch.empty(num_experts, self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.swap = device_first > 0
+        rows = num_experts - device_first + 1 if self.swap else num_experts
+        self.buffers = [torch.empty(rows, self.nbytes, dtype=torch.uint8, pin_memory=pin)
                         for _ in range(num_layers)]
+        self.home: list[list[int | None]] = [
+            [None if e < device_first else e - device_first for e in range(num_experts)]
+            for _ in range(num_layers)]
         self.written = [[set() for _ in range(num_experts)] for _ in range(num_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
-        return self.buffers[layer][expert]
+        row = self.home[layer][expert]
+        if row is None:
+            raise LookupError(f"expert {expert} of layer {layer} lives on the device, not the host")
+        return self.buffers[layer][row]
 
-    def write(self, layer: int, expert: int, name: str, weight: torch.Tensor) -> None:
-        """Store one original expert matrix (w1, w2 or w3) in place."""
-        self.format.write(self.views(layer, expert), name, weight)
+    def free_row(self, layer: int) -> int:
+        """A host row no expert lives in (swap mode keeps one spare)."""
+        used = set(self.home[layer])
+        for row in range(self.buffers[layer].shape[0]):
+            if row not in used:
+                return row
+        raise RuntimeError(f"no free host row in layer {layer}")
+
+    def write(self, layer: int, expert: int, name: str, weight: torch.Tensor, views=None) -> None:
+        """Store one original expert matrix (w1, w2 or w3) in place (in ``views`` if given:
+        a device slot, for an expert that starts on the device in swap mode)."""
+        self.format.write(self.views(layer, expert) if views is None else views, name, weight)
         self.written[layer][expert].add(name)
 
     def missing(self) -> list[tuple[int, int, str]]:
@@ -136,8 +163,8 @@ class ExpertStore:
                 for n in ("w1", "w2", "w3") if n not in self.written[l][e]]
 
     def views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return self.format.layout.views(self.buffers[layer][expert])
+        return self.format.layout.views(self.buffer(layer, expert))
 
     @property
-    def total_bytes(self) -> int:
-        return self.num_layers * self.num_experts * self.nbytes
+    def host_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)

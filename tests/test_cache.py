@@ -148,3 +148,52 @@ def test_interrupt_mid_layer_leaves_a_consistent_cache():
     consistent(cache)
     assert sorted(run(cache, 0, [2, 3])) == [2, 3]   # and it keeps working
     consistent(cache)
+
+
+def make_swap_cache(slots, layers=2):
+    """A swap-mode cache and, for checking, a copy-mode store with the same experts."""
+    fmt = DenseExpertFormat(H, I, torch.float32)
+    truth = ExpertStore(layers, E, fmt, pin=False)
+    store = ExpertStore(layers, E, fmt, pin=False, device_first=slots)
+    cache = ExpertCache(store, slots, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    for l in range(layers):
+        for e in range(E):
+            for name, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+                w = torch.randn(shape, generator=g)
+                truth.write(l, e, name, w)
+                cache.write(l, e, name, w)
+    return cache, truth
+
+
+def swap_consistent(cache, truth):
+    """Every expert lives in exactly one place, and that place holds its bytes."""
+    for l, lc in enumerate(cache.layers):
+        for e in range(E):
+            on_device = e in lc.lru
+            assert (cache.store.home[l][e] is None) == on_device, (l, e)
+            data = lc.lru[e].buffer if on_device else cache.store.buffer(l, e)
+            assert torch.equal(data, truth.buffer(l, e)), (l, e)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_swap_mode_keeps_one_copy_of_each_expert(slots):
+    cache, truth = make_swap_cache(slots)
+    assert cache.store.host_bytes == 2 * (E - slots + 1) * cache.store.nbytes
+    swap_consistent(cache, truth)
+    g = torch.Generator().manual_seed(slots)
+    for step in range(50):
+        layer = step % 2
+        needed = sorted(set(torch.randint(0, E, (3,), generator=g).tolist()))
+        seen = []
+        cache.run_layer(layer, needed, lambda e, v: seen.append(
+            torch.equal(v["w2"], truth.views(layer, e)["w2"])))
+        assert all(seen) and len(seen) == len(needed)
+        if step % 7 == 0:
+            cache.prefetch(1 - layer, [int(x) for x in torch.randint(0, E, (2,), generator=g)])
+        swap_consistent(cache, truth)
+    s = cache.stats()
+    assert s["bytes_to_host"] > 0
+    with pytest.raises(KeyboardInterrupt):
+        cache.run_layer(0, [0, 1, 2, 3, 4, 5], lambda e, v: (_ for _ in ()).throw(KeyboardInterrupt))
+    swap_consistent(cache, truth)

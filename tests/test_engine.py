@@ -76,12 +76,14 @@ def test_token_identical_for_every_cache_size_and_prefetch(name, checkpoints, re
     experts = CHECKPOINTS[name]["experts"]
     for on_device in range(1, experts + 1):
         for prefetch in range(0, experts + 1):
+            swap = (on_device + prefetch) % 2 == 1      # half the grid in swap mode
             model = moe_colab.load_model(checkpoints[name], device="cpu", dtype=torch.float32,
-                                         experts_on_device=on_device, prefetch=prefetch, progress=False)
+                                         experts_on_device=on_device, prefetch=prefetch, swap=swap,
+                                         progress=False)
             for ids, mask, ref_seq, ref_logits, uses, distinct in references[name]:
                 model.reset_offload_stats()
                 seq, logits = greedy(model, ids, mask)
-                where = f"{name} experts_on_device={on_device} prefetch={prefetch} batch={ids.shape[0]}"
+                where = f"{name} experts_on_device={on_device} prefetch={prefetch} swap={swap} batch={ids.shape[0]}"
                 assert torch.equal(seq, ref_seq), where
                 torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0, msg=where)
                 stats = model.offload_stats()
@@ -89,6 +91,11 @@ def test_token_identical_for_every_cache_size_and_prefetch(name, checkpoints, re
                 assert stats["prefetch_hits"] <= stats["prefetches"], where
                 if prefetch == 0:
                     assert stats["prefetches"] == stats["prefetch_hits"] == 0, where
+                if not swap:
+                    assert stats["bytes_to_host"] == 0, where
+            if swap:
+                assert model.moe_cache.store.host_bytes == (experts - on_device + 1) * len(
+                    model.moe_cache.layers) * model.moe_cache.store.nbytes
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
