@@ -1,0 +1,344 @@
+"""Train ``tiny``, the small Mixtral shipped inside the package, on CPU from the Python stdlib.
+
+    python -m moe_colab.train_tiny --out moe_colab/models/tiny --metrics docs/tiny_training.json
+
+Every machine already holds the corpus: the ``.py`` files of the running Python's standard library
+(site-packages, test directories and two data-table packages left out). A file belongs to the
+held-out split when the hash of its relative path falls in the lowest 2%, so the split does not
+depend on the order of a directory listing. The tokenizer (byte-level BPE, ``tokenizers``) sees
+only the train split. The model is a transformers ``MixtralConfig``: 8 experts, top-2 routing,
+grouped-query attention, trained with a load-balancing loss so every expert gets work; the
+offloading engine then has something real to cache. Weights are saved in float16.
+
+Training is seeded and its data order is a function of (seed, step) alone, so ``--resume``
+continues exactly where a checkpoint left off. ``--max-minutes`` stops cleanly and still saves.
+
+References: Mixtral (arXiv 2401.04088), load-balancing loss (Switch Transformer, arXiv 2101.03961),
+nanoGPT's train.py for the shape of the loop; the paper this package follows: arXiv 2312.17238.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]   # ids 0..3, as in Mixtral: unk=0, bos=1, eos=2
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+HELDOUT_PER_MILLE = 20                               # 2% of files
+# Directories that are not ordinary code: tests, and tables of data (codecs, pydoc topics).
+SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"}
+
+# name: (model shape, training schedule). "full" is what ships; "tiny-test" keeps the script honest.
+SETTINGS = {
+    "full": dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, seq_len=256, batch_size=8,
+                 steps=1000, warmup=50, lr=2e-3, eval_every=100, eval_tokens=8192, max_files=None),
+    "tiny-test": dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, seq_len=32, batch_size=2,
+                      steps=3, warmup=1, lr=1e-3, eval_every=2, eval_tokens=256, max_files=12),
+}
+
+
+# -- corpus --------------------------------------------------------------------------------------
+def is_heldout(relative_path: str) -> bool:
+    """Whether a stdlib file (posix path relative to the stdlib root) is in the held-out split."""
+    digest = hashlib.sha256(relative_path.encode()).hexdigest()
+    return int(digest[:8], 16) % 1000 < HELDOUT_PER_MILLE
+
+
+def stdlib_files(root: str | Path | None = None) -> tuple[list[Path], list[Path], Path]:
+    """(train files, held-out files, stdlib root), both lists sorted by relative path."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"Python standard library not found at {root}")
+    train, heldout = [], []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root)
+        if SKIPPED_DIRS & set(rel.parts[:-1]):
+            continue
+        (heldout if is_heldout(rel.as_posix()) else train).append(path)
+    return train, heldout, root
+
+
+def read_sources(paths: list[Path]) -> list[str]:
+    """File contents; files that are not UTF-8 are skipped (there are almost none)."""
+    texts = []
+    for p in paths:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            pass
+    return texts
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizers.Tokenizer that prepends <s>; it can encode any byte string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # keep source text exact
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", BOS_ID)])
+    return tok
+
+
+def hf_tokenizer(tok, seq_len: int):
+    """Wrap for save_pretrained / AutoTokenizer, special tokens named."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", model_max_length=seq_len)
+
+
+def encode_stream(tok, texts: list[str]) -> torch.Tensor:
+    """One long int32 stream: <s> file </s> <s> file </s> ..."""
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    ids = []
+    for e in encodings:
+        ids += [BOS_ID, *e.ids, EOS_ID]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def heldout_probe(tokenizer, texts: list[str], n_files: int = 4, tokens: int = 128) -> torch.Tensor:
+    """[n, tokens] ids: <s> and the start of the first held-out files; a quick, fixed measurement."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=tokens)["input_ids"]
+        if len(ids) == tokens:
+            rows.append(ids)
+        if len(rows) == n_files:
+            break
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# -- model and data ------------------------------------------------------------------------------
+def model_config(s: dict):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"], num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=s["seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
+        router_aux_loss_coef=0.02, tie_word_embeddings=False,  # 0.02: strong enough that no expert starves
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def batch_at(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[B, T+1] random windows; a function of (seed, step) only, so a resumed run sees the same data."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=g)
+    return torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()]).long()
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float, floor_frac: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to floor_frac * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def loss_on_rows(model, rows: torch.Tensor) -> float:
+    """Mean next-token loss (nats) of rows [n, T+1], 8 rows per forward."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(rows), 8):
+        chunk = rows[i:i + 8].long()
+        logits = model(input_ids=chunk[:, :-1]).logits              # [b, T, V]
+        total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    model.train(was_training)
+    return total / rows[:, 1:].numel()
+
+
+def evaluate(model, stream: torch.Tensor, seq_len: int, max_tokens: int) -> float:
+    """Mean loss over consecutive non-overlapping windows of a stream (at most max_tokens)."""
+    n = min(len(stream) - 1, max_tokens) // seq_len
+    rows = torch.stack([stream[j * seq_len: (j + 1) * seq_len + 1] for j in range(n)])  # [n, T+1]
+    return loss_on_rows(model, rows)
+
+
+@torch.no_grad()
+def expert_load(model, input_ids: torch.Tensor) -> list[list[float]]:
+    """Per layer, the fraction of top-k assignments each expert receives on these tokens."""
+    out = model(input_ids=input_ids, output_router_logits=True)
+    k, e = model.config.num_experts_per_tok, model.config.num_local_experts
+    loads = []
+    for logits in out.router_logits:                                # [tokens, E] per layer
+        chosen = logits.float().topk(k, dim=-1).indices.flatten()
+        loads.append((torch.bincount(chosen, minlength=e).float() / chosen.numel()).tolist())
+    return loads
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "tiny",
+                    help="where the Hugging Face model directory is written")
+    ap.add_argument("--work-dir", type=Path, default=Path("tmp/train_tiny"),
+                    help="checkpoints and the tokenizer for --resume")
+    ap.add_argument("--metrics", type=Path, default=None, help="also write the metrics JSON here")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the setting's)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (the build machine is shared)")
+    ap.add_argument("--max-minutes", type=float, default=30.0, help="stop training cleanly after this long")
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true", help="continue from --work-dir/state.pt")
+    ap.add_argument("--tiny-test", action="store_true", help="a toy run of a few seconds, for tests")
+    ap.add_argument("--stdlib", type=Path, default=None, help="stdlib directory (default: this Python's)")
+    args = ap.parse_args(argv)
+
+    s = dict(SETTINGS["tiny-test" if args.tiny_test else "full"])
+    s["steps"] = args.steps if args.steps is not None else s["steps"]
+    s["batch_size"] = args.batch_size or s["batch_size"]
+    if s["steps"] < 1:
+        raise ValueError(f"--steps must be at least 1, got {s['steps']}")
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))   # tokenizers' thread pool
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, MixtralForCausalLM
+    from tokenizers import Tokenizer
+
+    t_start = time.time()
+    train_files, heldout_files, root = stdlib_files(args.stdlib)
+    if s["max_files"]:
+        train_files, heldout_files = train_files[: s["max_files"]], heldout_files[:3]
+    train_texts, heldout_texts = read_sources(train_files), read_sources(heldout_files)
+    print(f"corpus: {len(train_texts)} train / {len(heldout_texts)} held-out files from {root}")
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    state_path, tok_path = work / "state.pt", work / "tokenizer.json"
+    state = torch.load(state_path, weights_only=False) if args.resume else None
+    if args.resume and state is None:
+        raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
+    tok = Tokenizer.from_file(str(tok_path)) if state else train_tokenizer(train_texts, s["vocab_size"])
+    tok.save(str(tok_path))
+    train_stream, heldout_stream = encode_stream(tok, train_texts), encode_stream(tok, heldout_texts)
+    print(f"tokens: {len(train_stream):,} train / {len(heldout_stream):,} held-out, "
+          f"{sum(map(len, train_texts)) / len(train_stream):.2f} characters per token")
+
+    config = model_config(s)
+    model = MixtralForCausalLM(config)                      # float32 master weights for training
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=s["lr"], betas=(0.9, 0.95))
+    step, elapsed, history = 0, 0.0, {"train": [], "heldout": []}
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min already trained)")
+
+    def save_state():
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "history": history, "setting": s}, state_path)
+
+    model.train()
+    coef, T = config.router_aux_loss_coef, s["seq_len"]
+    window_loss, window_n, stopped_early = 0.0, 0, False
+    bar = tqdm(total=s["steps"], initial=step, desc="train tiny", unit="step")
+    t_loop = time.time() - elapsed                           # wall clock of step 0, resumes included
+    while step < s["steps"]:
+        if (time.time() - t_loop) / 60 > args.max_minutes:
+            stopped_early = True
+            break
+        lr = lr_at(step, s["steps"], s["warmup"], s["lr"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+        xy = batch_at(train_stream, step, s["batch_size"], T, args.seed)          # [B, T+1]
+        out = model(input_ids=xy[:, :-1], output_router_logits=True)
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1), xy[:, 1:].flatten())
+        (lm_loss + coef * out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t_loop
+        window_loss, window_n = window_loss + lm_loss.item(), window_n + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{lm_loss.item():.3f}", aux=f"{out.aux_loss.item():.3f}", lr=f"{lr:.1e}")
+        if step % s["eval_every"] == 0 or step == s["steps"]:
+            history["train"].append({"step": step, "loss": window_loss / window_n,
+                                     "minutes": round(elapsed / 60, 2)})
+            window_loss, window_n = 0.0, 0
+            h = evaluate(model, heldout_stream, T, s["eval_tokens"])
+            history["heldout"].append({"step": step, "loss": h, "perplexity": math.exp(h)})
+            bar.write(f"step {step}: train loss {history['train'][-1]['loss']:.3f}, "
+                      f"held-out loss {h:.3f} (perplexity {math.exp(h):.1f})")
+        if step % args.checkpoint_every == 0:
+            save_state()
+    bar.close()
+    if window_n:                                              # a partial last window (time limit)
+        history["train"].append({"step": step, "loss": window_loss / window_n, "minutes": round(elapsed / 60, 2)})
+    save_state()
+
+    # Ship float16 weights, then measure what ships: reload it as a user would, in float32.
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.half().save_pretrained(out_dir)
+    hf_tokenizer(tok, T).save_pretrained(out_dir)
+    shipped = MixtralForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    shipped_tok = AutoTokenizer.from_pretrained(out_dir)
+    heldout_loss = evaluate(shipped, heldout_stream, T, 10 ** 9)
+    probe = heldout_probe(shipped_tok, heldout_texts)
+    probe_loss = loss_on_rows(shipped, probe) if len(probe) else None
+    loads = expert_load(shipped, heldout_stream[: 4 * T].long().view(4, T))
+    for layer, load in enumerate(loads):
+        print(f"layer {layer} expert load: " + " ".join(f"{x:.2f}" for x in load))
+
+    metrics = {
+        "python": platform.python_version(), "stdlib": str(root), "seed": args.seed,
+        "setting": "tiny-test" if args.tiny_test else "full", "config": {**s, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "router_aux_loss_coef": coef},
+        "files": {"train": len(train_texts), "heldout": len(heldout_texts),
+                  "heldout_paths": [p.relative_to(root).as_posix() for p in heldout_files]},
+        "tokens": {"train": len(train_stream), "heldout": len(heldout_stream),
+                   "chars_per_token": sum(map(len, train_texts)) / len(train_stream)},
+        "parameters": n_params, "size_on_disk_bytes": sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()),
+        "steps": step, "stopped_early": stopped_early, "tokens_seen": step * s["batch_size"] * T,
+        "train_minutes": round(elapsed / 60, 2), "total_minutes": round((time.time() - t_start) / 60, 2),
+        "final_train_loss": history["train"][-1]["loss"] if history["train"] else None,
+        "heldout_loss": heldout_loss, "heldout_perplexity": math.exp(heldout_loss),
+        "uniform_loss": math.log(config.vocab_size),
+        "heldout_probe": {"files": probe.shape[0], "tokens": probe.shape[1] if probe.dim() == 2 else 0,
+                          "loss": probe_loss},
+        "expert_load": loads, "history": history,
+    }
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if args.metrics:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(metrics, indent=1))
+    from .tiny_card import write_model_card
+    write_model_card(out_dir, metrics)
+    print(f"saved {out_dir}: {n_params / 1e6:.2f}M parameters, {metrics['size_on_disk_bytes'] / 1e6:.1f} MB, "
+          f"{step} steps in {elapsed / 60:.1f} min; train loss {metrics['final_train_loss']:.3f}, "
+          f"held-out loss {heldout_loss:.3f} (perplexity {math.exp(heldout_loss):.1f}; "
+          f"uniform {math.log(config.vocab_size):.2f})")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
