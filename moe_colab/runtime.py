@@ -9,6 +9,8 @@ know (Colab or not, which device, which model the notebook will use and why) and
                                    without one the notebook says so and falls back to ``tiny``
 
 On Colab without a GPU it names the exact menu path that switches the runtime to a T4.
+``MOE_COLAB_MODEL=/path/to/checkpoint`` replaces ``tiny`` (e.g. to run the notebooks in CI
+against a checkpoint written by a test).
 Colab also needs one call before third-party widgets (plotly's FigureWidget) can render:
 ``enable_colab_widgets()``, a no-op elsewhere.
 """
@@ -78,6 +80,15 @@ class Runtime:
         import torch
         return getattr(torch, self.dtype_name)
 
+    def load_kwargs(self, **overrides) -> dict:
+        """Keyword arguments for ``moe_colab.load_model(rt.model, ...)`` on this machine. The real
+        Mixtral is quantized as in the paper's Colab demo (4-bit attention, 2-bit experts): in
+        16-bit it would need 87 GB of host memory, a Colab T4 machine has about 12.7 GB."""
+        kw = dict(device=self.device, dtype=self.dtype, experts_on_device=4, prefetch=2, progress=False)
+        if self.real_mixtral:
+            kw["quant"] = "paper-2bit"
+        return {**kw, **overrides}
+
 
 def check_runtime(use_real_mixtral: bool = False, *, verbose: bool = True) -> Runtime:
     """Inspect the machine, choose the model, and (by default) print a short report."""
@@ -89,7 +100,7 @@ def check_runtime(use_real_mixtral: bool = False, *, verbose: bool = True) -> Ru
     real = bool(use_real_mixtral) and cuda
     rt = Runtime(
         colab=in_colab(), device="cuda" if cuda else "cpu", gpu_name=gpu_name, gpu_memory_gb=gpu_gb,
-        model=REAL_MODEL if real else OFFLINE_MODEL,
+        model=REAL_MODEL if real else os.environ.get("MOE_COLAB_MODEL") or OFFLINE_MODEL,
         dtype_name="float16" if cuda else "float32", real_mixtral=real)
     if verbose:
         print(describe(rt, asked_for_real=bool(use_real_mixtral)))

@@ -3,12 +3,14 @@
     routing_heatmap(trace, tokens)       tokens x layers; colour = the top-1 expert of each cell,
                                          hover = the token text, all top-k experts, router weights
     expert_load_figure(trace)            layers x experts: share of tokens routed to each expert
+    category_figure(counts, names)       token kinds x experts, one layer at a time
     cache_timeline(trace, k, policy)     hit or miss of every expert use, per layer per token
     cache_explorer(trace, tokens)        sliders for cache size and prefetch count, policy menu,
                                          a live "hit ratio: 0.53" readout and the timeline
 
 A trace is a ``moe_colab.RoutingTrace`` (``experts`` and ``weights``: [layers, tokens, top_k]).
-Hit/miss events come from ``moe_colab.simulate`` (the one cache simulator); this file only draws.
+Hit/miss events come from ``moe_colab.simulate.hit_mask`` (the one cache simulator); this file
+only draws.
 
 Inside a Jupyter or Colab kernel these return live widgets (plotly FigureWidget needs anywidget;
 Colab also needs ``moe_colab.runtime.enable_colab_widgets()`` once). In plain Python, or with
@@ -70,7 +72,9 @@ def token_labels(trace, tokens=None) -> list[str]:
     tokens = [str(t) for t in _to_numpy(tokens)]
     if len(tokens) != n:
         raise ValueError(f"got {len(tokens)} token labels for a trace of {n} tokens")
-    return [t.replace("\n", "↵").replace("▁", " ") or "∅" for t in tokens]
+    # SentencePiece marks a leading space with "▁", byte-level BPE with "Ġ" (and a newline "Ċ").
+    marks = {"▁": " ", "Ġ": " ", "Ċ": "↵", "ĉ": "⇥", "\n": "↵", "\t": "⇥"}
+    return ["".join(marks.get(c, c) for c in t) or "∅" for t in tokens]
 
 
 def _discrete_colorscale(n: int) -> list:
@@ -121,6 +125,28 @@ def expert_load_figure(trace, title: str | None = None) -> go.Figure:
     fig.update_layout(title=title or f"Expert load per layer (uniform would be {1 / E:.2f})",
                       xaxis=dict(title="expert", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
                       height=max(240, 22 * L + 140), margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
+def category_figure(counts, names, title: str | None = None) -> go.Figure:
+    """Which experts each kind of token uses: counts [layers, categories, experts] (from
+    ``moe_colab.locality.category_expert_counts``), one layer at a time behind plotly buttons
+    (they work without a kernel). Each row is normalised to the category's share per expert."""
+    counts = np.asarray(_to_numpy(counts), dtype=float)
+    L, C, E = counts.shape
+    keep = [c for c in range(C) if counts[0, c].sum() > 0]        # categories present in the text
+    rows = counts[:, keep] / counts[:, keep].sum(-1, keepdims=True)    # [L, C', E]
+    labels = [f"{names[c]} ({int(counts[0, c].sum() / max(counts[0].sum(), 1) * 100)}%)" for c in keep]
+    fig = go.Figure([go.Heatmap(z=rows[l], x=list(range(E)), y=labels, visible=l == L - 1, zmin=0,
+                                colorscale="Blues", texttemplate="%{z:.2f}",
+                                hovertemplate="%{y}, expert %{x}: %{z:.1%} of its uses<extra></extra>")
+                     for l in range(L)])
+    buttons = [dict(label=f"layer {l}", method="update",
+                    args=[{"visible": [i == l for i in range(L)]}]) for l in range(L)]
+    fig.update_layout(title=title or "Share of each token kind's expert uses (rows sum to 1)",
+                      updatemenus=[dict(buttons=buttons, active=L - 1, x=1.0, y=1.15)],
+                      xaxis=dict(title="expert", dtick=1), height=max(280, 30 * len(keep) + 140),
+                      margin=dict(l=140, r=20, t=70, b=50))
     return fig
 
 
@@ -178,28 +204,31 @@ def text_table(trace, tokens=None, events: "CacheEvents | None" = None, max_toke
     return "\n".join(rows)
 
 
-# -- cache events: replayed by the simulator -------------------------------------------------
+# -- cache events: from the simulator ----------------------------------------------------------
 @dataclass
 class CacheEvents:
-    """What happened at every (layer, token) of a trace for one cache configuration."""
+    """Hit or miss of every expert use of a trace, for one cache configuration."""
 
     policy: str
     cache_size: int
     prefetch: int
-    hit_counts: np.ndarray          # int [L, T]: how many of the token's top_k experts were hits
-    hits: np.ndarray | None         # bool [L, T, K] per expert use (None: only counts are known)
-    hit_ratio: float
+    hits: np.ndarray                # bool [L, T, K], aligned with trace.experts
+
+    @property
+    def hit_counts(self) -> np.ndarray:
+        return self.hits.sum(-1)    # int [L, T]: how many of the token's experts were cached
+
+    @property
+    def hit_ratio(self) -> float:
+        return float(self.hits.mean()) if self.hits.size else 0.0
 
     def describe(self, experts: np.ndarray) -> np.ndarray:
-        """Hover text per cell: "e3 hit, e5 MISS" (or "1 of 2 hits" with counts only)."""
-        L, T, K = experts.shape
+        """Hover text per (layer, token) cell: "e3 hit, e5 MISS"."""
+        L, T, _ = experts.shape
         out = np.empty((L, T), dtype=object)
         for l in range(L):
             for t in range(T):
-                if self.hits is not None:
-                    out[l, t] = ", ".join(f"e{e} {'hit' if h else 'MISS'}" for e, h in zip(experts[l, t], self.hits[l, t]))
-                else:
-                    out[l, t] = f"experts {', '.join(f'e{e}' for e in experts[l, t])}: {self.hit_counts[l, t]} of {K} hits"
+                out[l, t] = ", ".join(f"e{e} {'hit' if h else 'MISS'}" for e, h in zip(experts[l, t], self.hits[l, t]))
         return out
 
     def title(self) -> str:
@@ -208,39 +237,14 @@ class CacheEvents:
 
 
 def cache_events(trace, cache_size: int, policy: str = "lru", prefetch: int = 0, guesses=None) -> CacheEvents:
-    """Hits and misses of every expert use, from moe_colab.simulate (no second simulator here).
+    """The simulator's per-use hits (``moe_colab.simulate.hit_mask``): ``policy`` alone, or LRU
+    with ``prefetch`` of ``guesses`` [layers, tokens, n] (e.g. prefetch_recall.guess_experts)."""
+    from .simulate import hit_mask
 
-    Without prefetch each layer is replayed through simulate's own per-layer cache, reading
-    which of the token's experts were resident before its step (exactly simulate_cache's
-    counts). With prefetch (``guesses`` [layers, tokens, n] as simulate_prefetch takes them), the
-    per-token counts come from simulate_prefetch on growing prefixes of the trace: LRU with
-    prefetch never looks ahead, so a prefix replays exactly like the start of the whole trace.
-    """
-    from . import simulate
-    from .routing import RoutingTrace
-
-    experts, _ = _arrays(trace)
-    L, T, K = experts.shape
-    if prefetch:
-        if guesses is None:
-            raise ValueError("prefetch > 0 needs guesses [layers, tokens, n] (see moe_colab.simulate.simulate_prefetch)")
-        full = simulate.simulate_prefetch(trace, guesses, cache_size, prefetch)
-        cumulative = np.zeros((L, T + 1), dtype=np.int64)    # hits of tokens < t, per layer
-        for t in range(1, T + 1):
-            part = RoutingTrace(trace.experts[:, :t], num_experts=trace.num_experts)
-            cumulative[:, t] = simulate.simulate_prefetch(part, _to_tensor(guesses)[:, :t], cache_size,
-                                                          prefetch)["per_layer"]["hits"]
-        counts = np.diff(cumulative, axis=1)
-        assert counts.sum() == full["hits"], "prefix replay disagrees with simulate_prefetch"
-        return CacheEvents("lru", cache_size, full["prefetch"], counts, None, full["hit_ratio"])
-    simulate._check(trace, cache_size, policy)
-    hits = np.zeros((L, T, K), dtype=bool)
-    for l, requests in enumerate(simulate._layer_requests(trace)):
-        cache = simulate._LayerCache(cache_size, policy, requests)
-        for t, needed in enumerate(requests):
-            hits[l, t] = [e in cache.resident for e in experts[l, t]]
-            cache.step(t, needed)
-    return CacheEvents(policy, cache_size, 0, hits.sum(-1), hits, float(hits.mean()) if hits.size else 0.0)
+    if prefetch and guesses is None:
+        raise ValueError("prefetch > 0 needs guesses [layers, tokens, n] (see moe_colab.prefetch_recall.guess_experts)")
+    hits = hit_mask(trace, cache_size, policy, guesses=guesses, prefetch=prefetch)
+    return CacheEvents(policy, cache_size, min(prefetch, cache_size), np.asarray(_to_numpy(hits), dtype=bool))
 
 
 def _to_tensor(x):

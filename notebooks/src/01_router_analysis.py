@@ -1,0 +1,169 @@
+# %% [markdown]
+# {{badge}}
+#
+# # 01 · Router analysis: which experts does each token pick?
+#
+# In a Mixtral layer, a small linear **router** scores the 8 experts for every token and only
+# the best 2 run. Which 2 depends on the token and on the layer. This notebook records those
+# choices on a real model and looks at them three ways: token by token, per layer (is the load
+# balanced?) and per kind of token (do keywords, names and punctuation go to different experts?).
+#
+# ## Objectives
+# - Record the routing of a prompt with `moe_colab.record_routing` and read a `RoutingTrace`.
+# - Rebuild a router by hand (norm, linear, softmax, top-k) and check it against the library.
+# - Explore the tokens × layers heatmap; measure the expert load per layer; relate token kinds to experts.
+#
+# ## What you need
+# - Any CPU: the notebook uses the small `tiny` model shipped with `moe_colab` (about a minute).
+# - Optional: a GPU runtime and `USE_REAL_MIXTRAL = True` below for Mixtral-8x7B-Instruct.
+
+# %%
+USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is present (else `tiny` on CPU)
+
+# %% [setup]
+
+# %% [markdown]
+# ## 1. Load the model and its tokenizer
+# `moe_colab.load_model` returns an ordinary transformers model whose experts live in host
+# memory behind a small cache on the device. Routing does not depend on the cache, so any
+# cache size gives the same trace.
+
+# %%
+import torch
+from transformers import AutoTokenizer
+
+import moe_colab
+from moe_colab.checkpoint import resolve
+
+torch.manual_seed(0)
+tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
+model = moe_colab.load_model(rt.model, **rt.load_kwargs())
+cfg = model.config
+E, K = cfg.num_local_experts, cfg.num_experts_per_tok
+print(f"{rt.model}: {cfg.num_hidden_layers} layers, {E} experts per layer, top-{K} routing")
+
+# %% [markdown]
+# ## 2. Record the routing of a prompt
+# `record_routing` hooks every layer's router during one forward pass and returns a
+# `RoutingTrace`: `experts` and `weights`, both `[layers, tokens, top_k]`.
+
+# %%
+prompt = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+'''
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+trace = moe_colab.record_routing(model, ids, tokenizer=tokenizer)
+print(trace)
+print("token 0, layer 0: experts", trace.experts[0, 0].tolist(), "weights", [round(w, 3) for w in trace.weights[0, 0].tolist()])
+
+# %% [markdown]
+# ### 2.1 A router by hand
+# A Mixtral router is one matrix `W_gate` `[E, H]`. For each token it normalises the residual
+# stream `h` with the layer's `post_attention_layernorm`, computes `logits = W_gate · norm(h)`,
+# takes a softmax over the E experts, keeps the top-k, and rescales their weights to sum to 1.
+# Below we do exactly that from the hidden states each layer's router saw, and check the result
+# against the trace for every layer and token.
+
+# %%
+from moe_colab.prefetch_recall import layer_states
+
+_, states = layer_states(model, ids)          # states["before"][l]: [T, H], what layer l's router sees
+for l, layer in enumerate(model.model.layers):
+    h = layer.post_attention_layernorm(states["before"][l])        # [T, H]
+    logits = h @ layer.mlp.gate.weight.T                         # [T, E]
+    probs = logits.float().softmax(dim=-1)                       # [T, E]
+    w, e = probs.topk(K, dim=-1)                                 # [T, K], best first
+    w = w / w.sum(dim=-1, keepdim=True)
+    assert torch.equal(e.cpu(), trace.experts[l]), f"layer {l}: the hand-made router disagrees"
+    assert torch.allclose(w.cpu(), trace.weights[l], atol=1e-3), f"layer {l}: weights disagree"
+print(f"the hand-made router matches record_routing at all {cfg.num_hidden_layers} layers")
+
+# %% [markdown]
+# ## 3. Tokens × layers
+# Each cell is one token (column) at one layer (row); its colour is the expert with the largest
+# weight. Hover over a cell to see the token text, both chosen experts and their weights.
+# Look for horizontal runs: consecutive tokens that keep an expert at the same layer. Those runs
+# are what makes an expert cache work (notebooks 02 and 03).
+
+# %%
+from moe_colab.widgets import routing_heatmap, text_table
+
+routing_heatmap(trace)
+
+# %% [markdown]
+# The same information as text (this is also what a run without a browser can read):
+
+# %%
+print(text_table(trace))
+
+# %% [markdown]
+# ## 4. Expert load per layer
+# A balanced router sends each expert `1/E` of the uses. Mixtral was trained with a
+# load-balancing loss, but balance over a long training corpus does not mean balance on one
+# text. We route a longer text: the source of `moe_colab.simulate`, code the model never saw.
+
+# %%
+import inspect
+
+import moe_colab.simulate
+from moe_colab.locality import expert_load
+from moe_colab.widgets import expert_load_figure
+
+text = inspect.getsource(moe_colab.simulate)
+n = min(512, cfg.max_position_embeddings)
+enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt", truncation=True, max_length=n)
+long_trace = moe_colab.record_routing(model, enc.input_ids, tokenizer=tokenizer)
+load = expert_load(long_trace)              # [layers, experts], each row sums to 1
+
+# The same numbers by hand: count each expert's uses per layer.
+by_hand = torch.stack([torch.bincount(long_trace.experts[l].flatten(), minlength=E) for l in range(cfg.num_hidden_layers)])
+assert torch.allclose(load, by_hand / by_hand.sum(-1, keepdim=True))
+for l in range(cfg.num_hidden_layers):
+    print(f"layer {l:2d}: busiest expert {int(load[l].argmax())} serves {load[l].max():.0%} of uses, "
+          f"idlest {int(load[l].argmin())} {load[l].min():.0%} (uniform: {1 / E:.0%})")
+expert_load_figure(long_trace)
+
+# %% [markdown]
+# ## 5. Kinds of token and their experts
+# Python's own tokenizer tells us what each piece of the text is (keyword, identifier, number,
+# string, comment, punctuation, whitespace). `category_expert_counts` counts, per layer, how
+# often tokens of each kind used each expert. If experts specialised by syntax, rows would
+# concentrate on one or two experts; the Mixtral paper (arXiv 2401.04088, section 5) saw such
+# structure mostly for indentation and keywords, not for topics. Use the buttons to change layer.
+
+# %%
+from moe_colab.locality import CATEGORIES, category_expert_counts, token_categories
+from moe_colab.widgets import category_figure
+
+offsets = [tuple(o) for o in enc.offset_mapping[0].tolist()]
+kinds = token_categories(text, offsets)
+counts = category_expert_counts(long_trace, kinds)          # [layers, categories, experts]
+last = cfg.num_hidden_layers - 1
+for c, name in enumerate(CATEGORIES):
+    uses = counts[last, c]
+    if uses.sum() >= 10:
+        top = int(uses.argmax())
+        print(f"{name:12s} {int(uses.sum()) // K:4d} tokens: at layer {last}, expert {top} serves "
+              f"{uses[top] / uses.sum():.0%} of them (overall it serves {load[last, top]:.0%})")
+category_figure(counts, CATEGORIES)
+
+# %% [markdown]
+# ## Summary
+# - A router is a linear layer, a softmax and a top-k: we rebuilt it by hand and matched
+#   `record_routing` exactly.
+# - Choices change from layer to layer, but consecutive tokens often keep an expert at the same
+#   layer: the horizontal runs in the heatmap.
+# - Load is uneven on a single text, and some token kinds lean on particular experts.
+#
+# ## Exercises
+# 1. Change the prompt to prose (or to another language) and compare the heatmap with the code prompt.
+# 2. Which layer has the most uneven load on the long text? Is it the same layer for a different text?
+# 3. Compute, per layer, how often a token's top-1 expert equals the previous token's top-1 expert.
+#    How does it compare with chance (1/E)?
+#
+# ## What's next
+# **02 Expert locality** measures those horizontal runs properly and compares them with chance
+# and with the paper: {{badge 02_expert_locality}}
