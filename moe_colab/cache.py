@@ -101,6 +101,16 @@ class ExpertCache:
         views = lc.lru[expert].views if self.store.home[layer][expert] is None else None
         self.store.write(layer, expert, name, weight, views=views)
 
+    def write_packed(self, layer: int, expert: int, buffer: torch.Tensor) -> None:
+        """Load one expert already packed in this format (a quantized directory's buffers)."""
+        if buffer.shape != (self.store.nbytes,) or buffer.dtype != torch.uint8:
+            raise ValueError(f"packed expert buffer is {tuple(buffer.shape)} {buffer.dtype}, the format "
+                             f"needs ({self.store.nbytes},) uint8")
+        lc = self.layers[layer]
+        on_device = self.store.home[layer][expert] is None
+        (lc.lru[expert].buffer if on_device else self.store.buffer(layer, expert)).copy_(buffer)
+        self.store.written[layer][expert].update(("w1", "w2", "w3"))
+
     # -- copies ---------------------------------------------------------------------------
     def _load(self, layer: int, slot: Slot, expert: int, prefetched: bool) -> None:
         lc, store = self.layers[layer], self.store

@@ -87,25 +87,26 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
         (E - k + 1) / E of the experts instead of all; one extra device-to-host copy per miss).
     """
     directory = resolve(path)
+    device = _check_device(device)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    if _is_quantized_dir(directory):
+        return _load_quantized_dir(directory, device=device, experts_on_device=experts_on_device,
+                                   prefetch=prefetch, quant=quant, dtype=dtype, guess_from=guess_from,
+                                   swap=swap, progress=progress)
     cfg_dict = read_config_dict(directory)
     adapter = adapter_for(cfg_dict.get("model_type"))
     config = adapter.config_class().from_pretrained(directory)
     num_experts = adapter.num_experts(config)
     OffloadConfig(experts_on_device, prefetch, guess_from).validate(num_experts)
-    device = _check_device(device)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-
-    if quant is not None or _is_quantized_dir(directory):
-        from .quant.loading import load_quantized_model
-        return load_quantized_model(directory, adapter, config, device=device,
-                                          experts_on_device=experts_on_device, prefetch=prefetch,
-                                          quant=quant, dtype=dtype, guess_from=guess_from,
-                                          swap=swap, progress=progress)
+    qcfg = None
+    if quant is not None:
+        from .quant.config import resolve_quant
+        qcfg = resolve_quant(quant)
+        qcfg.validate_for(config)
 
     shards = shard_map(directory)       # validates every shard before anything large exists
-    fmt = DenseExpertFormat(config.hidden_size, config.intermediate_size, dtype,
-                            adapter.activation(config))
+    fmt = _expert_format(adapter, config, qcfg, dtype)
     model = build_trunk(adapter, config, dtype)
     store = ExpertStore(adapter.num_layers(config), num_experts, fmt, pin=device.type == "cuda",
                         device_first=experts_on_device if swap else 0)
@@ -118,7 +119,8 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
         key = adapter.parse_expert_key(name)
         if key is not None:
             layer, expert, w = key
-            cache.write(layer, expert, w, tensor.to(dtype))
+            # Quantized formats quantize each matrix as it arrives (hqq, on the CPU).
+            cache.write(layer, expert, w, tensor.to(dtype) if qcfg is None else tensor)
         elif adapter.is_fused_expert_key(name):
             raise ValueError(f"{directory}: fused expert tensor {name!r}; this loader reads the original "
                              f"per-expert w1/w2/w3 layout")
@@ -129,16 +131,53 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     if missing:
         raise ValueError(f"{directory}: expert weights missing from the checkpoint, e.g. "
                          f"{[adapter.expert_key(*m) for m in missing[:3]]}")
+    model = attach_experts(model, adapter, config, cache, trunk_state, device=device,
+                           prefetch=prefetch, guess_from=guess_from, directory=directory)
+    if qcfg is not None:
+        from .quant.format import quantize_trunk_
+        quantize_trunk_(model, qcfg, device=device)
+    return model
+
+
+def _expert_format(adapter, config, qcfg, dtype):
+    if qcfg is None or qcfg.expert_bits == 16:
+        return DenseExpertFormat(config.hidden_size, config.intermediate_size, dtype,
+                                 adapter.activation(config))
+    from .quant.format import expert_format
+    return expert_format(config, qcfg, dtype, adapter.activation(config))
+
+
+def _load_quantized_dir(directory, *, device, experts_on_device, prefetch, quant, dtype, guess_from,
+                        swap, progress):
+    """A directory written by moe_colab.quantize: packed expert buffers go straight to storage."""
+    from .quant import manifest as qm
+    from .quant.format import attach_quant_linears_
+
+    manifest, qcfg = qm.open_quantized(directory, quant)     # raises on a different scheme
+    config = qm.model_config(manifest)
+    adapter = adapter_for(config)
+    num_experts = adapter.num_experts(config)
+    OffloadConfig(experts_on_device, prefetch, guess_from).validate(num_experts)
+    fmt = qm.expert_format_for(manifest, dtype, adapter.activation(config))
+    model = build_trunk(adapter, config, dtype)
+    with torch.device("meta"):
+        attach_quant_linears_(model, qcfg)
+    store = ExpertStore(adapter.num_layers(config), num_experts, fmt, pin=device.type == "cuda",
+                        device_first=experts_on_device if swap else 0)
+    cache = ExpertCache(store, experts_on_device, device)
+    layers = range(adapter.num_layers(config))
+    for layer in tqdm(layers, desc=f"loading {directory.name}", unit="layer", disable=not progress):
+        buffers = qm.load_layer_experts(directory, manifest, layer)      # uint8 [E, nbytes]
+        for expert in range(num_experts):
+            cache.write_packed(layer, expert, buffers[expert])
+    trunk_state = qm.load_trunk_state_dict(directory, manifest)
     return attach_experts(model, adapter, config, cache, trunk_state, device=device,
                           prefetch=prefetch, guess_from=guess_from, directory=directory)
 
 
 def _is_quantized_dir(directory: Path) -> bool:
-    try:
-        from .quant.quantize import is_quantized_dir
-    except ImportError:
-        return False
-    return is_quantized_dir(directory)
+    from .quant.manifest import MANIFEST   # a light import: no hqq
+    return (Path(directory) / MANIFEST).is_file()
 
 
 def build_trunk(adapter, config, dtype):
@@ -177,7 +216,9 @@ def attach_experts(model, adapter, config, cache: ExpertCache, trunk_state: dict
 
 
 def _load_trunk(model, state: dict, device, directory) -> None:
+    # Parameters and persistent buffers (quantized projections keep their codes in buffers).
     params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if not n.endswith("inv_freq")})
     unexpected = [k for k in state if k not in params]
     if unexpected:
         raise ValueError(f"{directory}: tensors that fit no parameter of the model, e.g. {unexpected[:3]}")
