@@ -48,7 +48,9 @@ class OffloadedMoE(nn.Module):
         else:
             top_w, top_i = self.route_fn(self.layer_idx, x)
         flat = top_i.reshape(-1)                                        # [T*k]
-        counts = torch.bincount(flat, minlength=self.num_experts)       # [E]
+        # scatter_add, not bincount: bincount on CUDA syncs to size its output.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))                             # [E]
         spec = self.speculator
         guess = spec.guess_before(x) if spec is not None and spec.source == "before" else None
         # The one host synchronisation of the layer: which experts, and the early guess.
