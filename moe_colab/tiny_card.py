@@ -83,7 +83,7 @@ training ({m['total_minutes']:.1f} min in all, tokenizer included) on one CPU th
 ## Results
 | | value |
 |---|---:|
-| final train loss (mean of the last steps) | {m['final_train_loss']:.3f} |
+| final train loss (mean of the last steps) | {m['final_train_loss'] or float('nan'):.3f} |
 | held-out loss (all held-out tokens, shipped float16 weights) | {m['heldout_loss']:.3f} |
 | held-out perplexity | {m['heldout_perplexity']:.1f} |
 | uniform predictor, log(vocab) | {m['uniform_loss']:.3f} |

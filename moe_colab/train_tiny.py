@@ -42,7 +42,7 @@ SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pyd
 SETTINGS = {
     "full": dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, seq_len=256, batch_size=8,
-                 steps=1000, warmup=50, lr=2e-3, eval_every=100, eval_tokens=8192, max_files=None),
+                 steps=600, warmup=30, lr=2e-3, eval_every=50, eval_tokens=8192, max_files=None),
     "tiny-test": dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, seq_len=32, batch_size=2,
                       steps=3, warmup=1, lr=1e-3, eval_every=2, eval_tokens=256, max_files=12),
@@ -61,12 +61,13 @@ def stdlib_files(root: str | Path | None = None) -> tuple[list[Path], list[Path]
     root = Path(root or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"Python standard library not found at {root}")
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in SKIPPED_DIRS]    # prune: never walk site-packages
+        found += [Path(directory, n) for n in names if n.endswith(".py")]
     train, heldout = [], []
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        if SKIPPED_DIRS & set(rel.parts[:-1]):
-            continue
-        (heldout if is_heldout(rel.as_posix()) else train).append(path)
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        (heldout if is_heldout(path.relative_to(root).as_posix()) else train).append(path)
     return train, heldout, root
 
 
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .tiny_card import write_model_card
     write_model_card(out_dir, metrics)
     print(f"saved {out_dir}: {n_params / 1e6:.2f}M parameters, {metrics['size_on_disk_bytes'] / 1e6:.1f} MB, "
-          f"{step} steps in {elapsed / 60:.1f} min; train loss {metrics['final_train_loss']:.3f}, "
+          f"{step} steps in {elapsed / 60:.1f} min; train loss {metrics['final_train_loss'] or float('nan'):.3f}, "
           f"held-out loss {heldout_loss:.3f} (perplexity {math.exp(heldout_loss):.1f}; "
           f"uniform {math.log(config.vocab_size):.2f})")
     return metrics
