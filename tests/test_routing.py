@@ -248,3 +248,49 @@ def test_recall_arguments_are_checked(model):
         prefetch_recall(model, ids_of(4), source="middle")
     with pytest.raises(ValueError, match="max_prefetch"):
         prefetch_recall(model, ids_of(4), max_prefetch=9)
+
+
+# -- the simulator against the engine, end to end -------------------------------------------------
+def decode_and_simulate(ckpt, device, dtype, cache_size, prefetch, source):
+    """Decode from a one-token prompt (one token per forward, as the simulator assumes) on the
+    offloaded model; return its own counters and the simulator's replay of its trace."""
+    from moe_colab.simulate import simulate_prefetch
+
+    off = moe_colab.load_model(ckpt, device=device, dtype=dtype, experts_on_device=cache_size,
+                               prefetch=prefetch, guess_from=source, progress=False)
+    off.reset_offload_stats()
+    trace = record_routing(off, ids_of(1, seed=7), max_new_tokens=24,
+                           generate_kwargs={"pad_token_id": 0, "min_new_tokens": 24})
+    engine = off.offload_stats()
+    if prefetch:
+        sim = simulate_prefetch(trace, guess_experts(off, trace.token_ids, prefetch, source=source),
+                                cache_size, prefetch)
+    else:
+        sim = moe_colab.simulate_cache(trace, cache_size, "lru")
+    return engine, sim
+
+
+@pytest.mark.parametrize("cache_size,prefetch,source", [(2, 0, "before"), (3, 1, "before"), (2, 2, "before"),
+                                                        (4, 2, "after")])
+def test_simulator_reproduces_the_engines_counters(ckpt, cache_size, prefetch, source):
+    engine, sim = decode_and_simulate(ckpt, "cpu", torch.float32, cache_size, prefetch, source)
+    assert sim["uses"] == 25 * 4 * 2
+    names = ("hits", "misses") + (("prefetches", "prefetch_hits", "prefetch_wasted") if prefetch else ())
+    assert {n: sim[n] for n in names} == {n: engine[n] for n in names}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_fp16_recording_and_simulation_match_the_engine(ckpt):
+    ref = MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float16).cuda().eval()
+    off = moe_colab.load_model(ckpt, device="cuda", dtype=torch.float16, experts_on_device=3,
+                               prefetch=2, progress=False)
+    ids = ids_of(64, seed=8)
+    a, b = record_routing(ref, ids), record_routing(off, ids)
+    assert torch.equal(a.experts[0], b.experts[0])                 # same input, same router
+    # Later layers see fp16 expert sums in another order: allow rare flips of near-ties.
+    assert (a.experts == b.experts).float().mean() > 0.98
+    r = prefetch_recall(off, ids, ahead=(0, 1), source="before")
+    assert r["recall"][0, 1] == pytest.approx(1.0)
+    engine, sim = decode_and_simulate(ckpt, "cuda", torch.float16, 2, 0, "before")
+    assert (sim["hits"], sim["misses"]) == (engine["hits"], engine["misses"])
