@@ -146,11 +146,24 @@ def test_runtime_tells_colab_cpu_users_the_menu_path():
     assert COLAB_GPU_MENU not in gpu and "Tesla T4" in gpu
 
 
-def test_runtime_falls_back_to_tiny_without_gpu():
+def test_runtime_falls_back_to_tiny_without_gpu(monkeypatch):
     import torch
     from moe_colab.runtime import check_runtime
+    monkeypatch.delenv("MOE_COLAB_MODEL", raising=False)
     rt = check_runtime(True, verbose=False)
     assert rt.real_mixtral == torch.cuda.is_available()
     assert rt.model == ("mixtral-8x7b-instruct" if rt.real_mixtral else "tiny")
     if not rt.real_mixtral:
         assert "using the small 'tiny' model" in describe(rt, asked_for_real=True)
+
+
+def test_runtime_model_override_and_load_kwargs(monkeypatch, tmp_path):
+    from moe_colab.runtime import check_runtime
+    monkeypatch.setenv("MOE_COLAB_MODEL", str(tmp_path))
+    rt = check_runtime(False, verbose=False)
+    assert rt.model == str(tmp_path)
+    kw = rt.load_kwargs(experts_on_device=2)
+    assert kw["experts_on_device"] == 2 and kw["device"] == rt.device and kw["dtype"] == rt.dtype
+    assert "quant" not in kw
+    real = _rt(device="cuda", model="mixtral-8x7b-instruct", dtype_name="float16", real_mixtral=True)
+    assert real.load_kwargs()["quant"] == "paper-2bit"

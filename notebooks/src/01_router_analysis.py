@@ -12,6 +12,7 @@
 # - Record the routing of a prompt with `moe_colab.record_routing` and read a `RoutingTrace`.
 # - Rebuild a router by hand (norm, linear, softmax, top-k) and check it against the library.
 # - Explore the tokens × layers heatmap; measure the expert load per layer; relate token kinds to experts.
+# - Preview how a per-layer expert cache would fare on these choices.
 #
 # ## What you need
 # - Any CPU: the notebook uses the small `tiny` model shipped with `moe_colab` (about a minute).
@@ -103,7 +104,7 @@ print(text_table(trace))
 # ## 4. Expert load per layer
 # A balanced router sends each expert `1/E` of the uses. Mixtral was trained with a
 # load-balancing loss, but balance over a long training corpus does not mean balance on one
-# text. We route a longer text: the source of `moe_colab.simulate`, code the model never saw.
+# text. We route a longer text: two functions of `moe_colab.simulate`, code the model never saw.
 
 # %%
 import inspect
@@ -112,7 +113,7 @@ import moe_colab.simulate
 from moe_colab.locality import expert_load
 from moe_colab.widgets import expert_load_figure
 
-text = inspect.getsource(moe_colab.simulate)
+text = inspect.getsource(moe_colab.simulate.simulate_cache) + inspect.getsource(moe_colab.simulate.simulate_prefetch)
 n = min(512, cfg.max_position_embeddings)
 enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt", truncation=True, max_length=n)
 long_trace = moe_colab.record_routing(model, enc.input_ids, tokenizer=tokenizer)
@@ -149,6 +150,21 @@ for c, name in enumerate(CATEGORIES):
         print(f"{name:12s} {int(uses.sum()) // K:4d} tokens: at layer {last}, expert {top} serves "
               f"{uses[top] / uses.sum():.0%} of them (overall it serves {load[last, top]:.0%})")
 category_figure(counts, CATEGORIES)
+
+# %% [markdown]
+# ## 6. A first look at caching
+# Offloading keeps only a few experts of each layer on the GPU. Move the sliders: **cache size**
+# is how many experts per layer stay on the device, **prefetch** how many experts of the next
+# layer are guessed and loaded early (notebook 04). The readout is the share of expert uses of
+# the prompt above that found their expert already there (simulated; notebook 03 explains it).
+
+# %%
+from moe_colab.prefetch_recall import guess_experts
+from moe_colab.widgets import cache_explorer
+
+guesses = guess_experts(model, ids, count=E)     # [layers, tokens, E]: guesses for each layer, best first
+explorer = cache_explorer(trace, cache_size=2, guesses=guesses)
+explorer
 
 # %% [markdown]
 # ## Summary
