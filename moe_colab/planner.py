@@ -245,7 +245,8 @@ def _budget_value(name: str, value):
 # -- the plan ----------------------------------------------------------------------------------
 def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_context: int = 4096, *,
          device=None, dtype: torch.dtype = torch.float16, experts_on_device: int | None = None,
-         min_experts_on_device: int | None = None, swap: bool | None = None) -> Plan:
+         min_experts_on_device: int | None = None, swap: bool | None = None,
+         pinned_rounding: bool = True) -> Plan:
     """The largest number of experts per layer that fits, and whether swap mode is needed.
 
     model_or_config: a preset name ("mixtral-8x7b"), a MixtralConfig, a checkpoint directory
@@ -255,6 +256,8 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
         available host memory). device: "cuda" or "cpu" (default: cuda if available).
     experts_on_device / swap: fix them instead of choosing (the plan still checks they fit).
     min_experts_on_device: the smallest k accepted (default top_k; see the module docstring).
+    pinned_rounding: count torch's power-of-two rounding of pinned tensors (False: an engine
+        that pins exact sizes, e.g. with cudaHostRegister).
     Raises PlanError, naming the numbers and what to change, when nothing fits.
     """
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
@@ -266,7 +269,8 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
     model = _describe_model(model_or_config, quant)
     device_bytes, host_bytes = _budget_value("device_bytes", device_bytes), _budget_value("host_bytes", host_bytes)
     budgets = _measure(device_type, device_bytes, host_bytes)
-    args = dict(device_type=device_type, dtype=dtype, max_context=max_context, budgets=budgets)
+    args = dict(device_type=device_type, dtype=dtype, max_context=max_context, budgets=budgets,
+                pinned_rounding=pinned_rounding)
     choice = dict(experts_on_device=experts_on_device, min_experts_on_device=min_experts_on_device, swap=swap)
     found, closest = _search(model, **args, **choice)
     if found is not None:
@@ -274,7 +278,7 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
     raise PlanError(_refusal(closest, model, args, choice))
 
 
-def _search(model, *, device_type, dtype, max_context, budgets, experts_on_device=None,
+def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=True, experts_on_device=None,
             min_experts_on_device=None, swap=None) -> tuple[Plan | None, Plan]:
     """(the plan, None) or (None, the closest miss); allocates nothing."""
     name, config, qcfg, exact_expert, from_original = model
@@ -310,7 +314,7 @@ def _search(model, *, device_type, dtype, max_context, budgets, experts_on_devic
     else:
         ks = list(range(E, lowest - 1, -1))
     modes = [swap] if swap is not None else [False, True]     # copy mode first: swap costs copies
-    pinned = device_type == "cuda"
+    pinned = device_type == "cuda" and pinned_rounding
     tried = []
     for sw in modes:
         for k in ks:
