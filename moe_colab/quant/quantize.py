@@ -111,6 +111,9 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
                     todo_trunk.append((shard, name))
             elif layer_file(key[0]) not in done:
                 todo_experts.append((shard, name, key))
+    # experts in (layer, expert) order, so shards are visited in layer order and a layer that
+    # straddles two shards completes in the next one: at most about two layers are open at once
+    todo_experts.sort(key=lambda item: item[2])
     total = len(todo_trunk) + len(todo_experts)
 
     from safetensors import safe_open

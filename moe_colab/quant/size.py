@@ -21,16 +21,34 @@ from .packing import tensor_shapes
 BYTES_16 = 2
 
 
-def matrix_bytes(shape: tuple[int, int], bits: int, group_size: int | None, scale_group: int | None) -> int:
-    """Stored bytes of one [out, in] matrix (no alignment padding)."""
+# Table 1 of the paper, size column (its "GB" are GiB), keyed by (attention bits, expert bits).
+PAPER_TABLE1_GIB = {
+    (16, 16): 86.99, (16, 4): 25.82, (16, 3): 23.21, (16, 2): 19.33,
+    (4, 16): 85.16, (4, 4): 23.99, (4, 3): 21.37, (4, 2): 17.54,
+    (3, 16): 85.08, (3, 4): 23.92, (3, 3): 21.31, (3, 2): 17.46,
+    (2, 16): 84.96, (2, 4): 23.79, (2, 3): 21.18, (2, 2): 17.30,
+}
+
+
+def matrix_bytes(shape: tuple[int, int], bits: int, group_size: int | None, scale_group: int | None,
+                 *, paper_3bit_packing: bool = False) -> int:
+    """Stored bytes of one [out, in] matrix (no alignment padding).
+
+    paper_3bit_packing: count 3-bit codes as hqq 0.1 stored them for the paper (axis=0, its
+    "3bit_32" packing: 10 codes per int32 along a group, the group padded to a multiple of 10,
+    i.e. 7 words = 3.5 bits per weight for group 64) instead of our exact 3 bits.
+    """
     if bits == 16:
         return shape[0] * shape[1] * BYTES_16
     total = 0
-    for s, dtype in tensor_shapes(bits, shape, group_size, scale_group).values():
+    for name, (s, dtype) in tensor_shapes(bits, shape, group_size, scale_group).items():
         n = 1
         for d in s:
             n *= d
         total += n * torch.empty((), dtype=dtype).element_size()
+    if bits == 3 and paper_3bit_packing:
+        n_groups = shape[0] * shape[1] // group_size
+        total += n_groups * 4 * -(-group_size // 10) - shape[0] * shape[1] * 3 // 8
     return total
 
 
@@ -39,7 +57,7 @@ def bits_per_weight(bits: int, group_size: int | None, scale_group: int | None, 
     return 8 * matrix_bytes(shape, bits, group_size, scale_group) / (shape[0] * shape[1])
 
 
-def size_breakdown(config, quant=None) -> dict[str, int]:
+def size_breakdown(config, quant=None, *, paper_3bit_packing: bool = False) -> dict[str, int]:
     """Bytes of each part: embeddings (with lm_head), attention, experts, routers_norms."""
     qcfg = resolve_quant(quant) or QuantConfig()
     qcfg.validate_for(config)
@@ -50,13 +68,17 @@ def size_breakdown(config, quant=None) -> dict[str, int]:
     tied = getattr(config, "tie_word_embeddings", False)
 
     attn_q = qcfg.matrix("attn")
-    attn = sum(matrix_bytes(s, *attn_q) for s in
+    attn = sum(matrix_bytes(s, *attn_q, paper_3bit_packing=paper_3bit_packing) for s in
                [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim)])
     if qcfg.expert_bits == 16:
         expert = 3 * h * i * BYTES_16
     else:
         from .format import QuantizedExpertFormat
         expert = QuantizedExpertFormat(h, i, qcfg).layout.nbytes     # one buffer, as stored and copied
+        if paper_3bit_packing and qcfg.expert_bits == 3:
+            q = qcfg.matrix("expert")
+            expert += sum(matrix_bytes(s, *q, paper_3bit_packing=True) - matrix_bytes(s, *q)
+                          for s in [(i, h), (h, i), (i, h)])
     return {
         "embeddings": (1 if tied else 2) * v * h * BYTES_16,
         "attention": layers * attn,
@@ -68,3 +90,37 @@ def size_breakdown(config, quant=None) -> dict[str, int]:
 def estimate_size(config, quant=None) -> int:
     """Total bytes of a MixtralConfig's weights under ``quant`` (None = 16-bit everywhere)."""
     return sum(size_breakdown(config, quant).values())
+
+
+def table1_rows(config=None) -> list[dict]:
+    """Our sizes beside the paper's Table 1 for Mixtral-8x7B, all 16 (attention, experts) pairs."""
+    if config is None:
+        from ..config import mixtral_config
+        config = mixtral_config("mixtral-8x7b")
+    rows = []
+    for (a, e), paper in PAPER_TABLE1_GIB.items():
+        q = QuantConfig(a, e)
+        ours = estimate_size(config, q) / 2**30
+        hqq01 = sum(size_breakdown(config, q, paper_3bit_packing=True).values()) / 2**30
+        rows.append(dict(attn=a, experts=e, attn_bpw=bits_per_weight(*q.matrix("attn")),
+                         expert_bpw=bits_per_weight(*q.matrix("expert")), ours_gib=ours, paper_gib=paper,
+                         diff_pct=100 * (ours - paper) / paper, hqq01_gib=hqq01,
+                         hqq01_diff_pct=100 * (hqq01 - paper) / paper))
+    return rows
+
+
+def table1_markdown(config=None) -> str:
+    """docs/quantization.md's size table (tests check that the document contains exactly this)."""
+    name = lambda b: "FP16" if b == 16 else f"{b}-bit"
+    lines = ["| Attn | Experts | attn bits/param | expert bits/param | ours GiB | paper GiB | diff | "
+             "ours, 3-bit codes as hqq 0.1 packed them | diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table1_rows(config):
+        lines.append(f"| {name(r['attn'])} | {name(r['experts'])} | {r['attn_bpw']:.3f} | {r['expert_bpw']:.3f} | "
+                     f"{r['ours_gib']:.2f} | {r['paper_gib']:.2f} | {r['diff_pct']:+.1f}% | "
+                     f"{r['hqq01_gib']:.2f} | {r['hqq01_diff_pct']:+.1f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table1_markdown())
