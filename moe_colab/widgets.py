@@ -77,6 +77,11 @@ def token_labels(trace, tokens=None) -> list[str]:
     return ["".join(marks.get(c, c) for c in t) or "∅" for t in tokens]
 
 
+def _width(tokens: int) -> int | None:
+    """Wide enough for every token label (the page scrolls sideways); None: fit the page."""
+    return min(14 * tokens + 260, 6000) if tokens > 50 else None
+
+
 def _discrete_colorscale(n: int) -> list:
     """A step colourscale with ``n`` flat bands, one per expert id (z in [-0.5, n - 0.5])."""
     scale = []
@@ -108,7 +113,7 @@ def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
         title=title or f"Top-1 expert of each token at each layer ({L} layers, {E} experts, top-{K})",
         xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
         yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
-        margin=dict(l=60, r=20, t=50, b=90))
+        width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
     return fig
 
 
@@ -167,7 +172,7 @@ def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = 
         title=title or events.title(),
         xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
         yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
-        margin=dict(l=60, r=20, t=50, b=90))
+        width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
     return fig
 
 

@@ -43,9 +43,13 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct on a GPU (the other not
 # in host memory and are copied in when needed. The next cell does that arithmetic.
 
 # %%
-# NBVAL_CHECK_OUTPUT
-hidden, intermediate, layers, experts, top_k = 4096, 14336, 32, 8, 2
-expert_params = 3 * hidden * intermediate
+from moe_colab.config import MODEL_PRESETS
+
+mixtral = MODEL_PRESETS["mixtral-8x7b"]
+hidden, intermediate = mixtral["hidden_size"], mixtral["intermediate_size"]
+layers, experts, top_k = mixtral["num_hidden_layers"], mixtral["num_local_experts"], mixtral["num_experts_per_tok"]
+expert_params = 3 * hidden * intermediate          # w1, w3: [intermediate, hidden]; w2: [hidden, intermediate]
+assert round(expert_params / 1e6, 1) == 176.2 and layers * top_k == 64   # the paper's numbers
 print(f"one expert: {expert_params / 1e6:.1f}M parameters, {2 * expert_params / 1e6:.0f} MB in 16-bit")
 print(f"all experts: {layers * experts * expert_params / 1e9:.1f}B parameters, "
       f"{layers * experts * 2 * expert_params / 1e9:.1f} GB in 16-bit")
