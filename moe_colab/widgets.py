@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
 from .runtime import widgets_available
 
@@ -55,11 +56,6 @@ def _arrays(trace) -> tuple[np.ndarray, np.ndarray]:
 
 def _to_numpy(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
-
-
-def _num_experts(trace, experts: np.ndarray) -> int:
-    n = getattr(trace, "num_experts", None)
-    return int(n) if n else int(experts.max()) + 1
 
 
 def token_labels(trace, tokens=None) -> list[str]:
@@ -95,7 +91,7 @@ def _discrete_colorscale(n: int) -> list:
 def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
     experts, weights = _arrays(trace)                       # [L, T, K]
     L, T, K = experts.shape
-    E = _num_experts(trace, experts)
+    E = trace.num_experts
     labels = token_labels(trace, tokens)
     choice = np.empty((L, T), dtype=object)                 # "e3 0.61, e5 0.39" per cell
     for l in range(L):
@@ -121,7 +117,7 @@ def expert_load_figure(trace, title: str | None = None) -> go.Figure:
     """Share of each layer's token-expert assignments that went to each expert (uniform = 1/E)."""
     experts, _ = _arrays(trace)
     L, T, K = experts.shape
-    E = _num_experts(trace, experts)
+    E = trace.num_experts
     load = np.stack([np.bincount(experts[l].ravel(), minlength=E) for l in range(L)]) / (T * K)   # [L, E]
     fig = go.Figure(go.Heatmap(
         z=load, x=list(range(E)), y=list(range(L)), colorscale="Blues", zmin=0,
@@ -252,11 +248,6 @@ def cache_events(trace, cache_size: int, policy: str = "lru", prefetch: int = 0,
     return CacheEvents(policy, cache_size, min(prefetch, cache_size), np.asarray(_to_numpy(hits), dtype=bool))
 
 
-def _to_tensor(x):
-    import torch
-    return torch.as_tensor(x)
-
-
 # -- widgets ---------------------------------------------------------------------------------
 def _interactive(interactive: bool | None) -> bool:
     return widgets_available() if interactive is None else bool(interactive)
@@ -302,7 +293,7 @@ class CacheExplorer(widgets.VBox):
     def __init__(self, trace, tokens, cache_size, policy, prefetch, guesses, policies):
         E = trace.num_experts
         self.trace, self.tokens, self.guesses = trace, tokens, guesses
-        max_prefetch = 0 if guesses is None else min(E, _to_tensor(guesses).shape[-1])
+        max_prefetch = 0 if guesses is None else min(E, torch.as_tensor(guesses).shape[-1])
         style = {"description_width": "80px"}
         self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E,
                                             description="cache size", continuous_update=False, style=style)
