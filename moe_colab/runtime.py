@@ -10,7 +10,9 @@ know (Colab or not, which device, which model the notebook will use and why) and
 
 On Colab without a GPU it names the exact menu path that switches the runtime to a T4.
 ``MOE_COLAB_MODEL=/path/to/checkpoint`` replaces ``tiny`` (e.g. to run the notebooks in CI
-against a checkpoint written by a test).
+against a checkpoint written by a test); ``MOE_COLAB_MIXTRAL=/path`` points the real-model path
+at an already quantized Mixtral (``moe_colab.hub.quantize_from_hub`` writes one, e.g. on Google
+Drive) instead of quantizing the Hub checkpoint at load time.
 Colab also needs one call before third-party widgets (plotly's FigureWidget) can render:
 ``enable_colab_widgets()``, a no-op elsewhere.
 """
@@ -85,7 +87,7 @@ class Runtime:
         Mixtral is quantized as in the paper's Colab demo (4-bit attention, 2-bit experts): in
         16-bit it would need 87 GB of host memory, a Colab T4 machine has about 12.7 GB."""
         kw = dict(device=self.device, dtype=self.dtype, experts_on_device=4, prefetch=2, progress=False)
-        if self.real_mixtral:
+        if self.real_mixtral and self.model == REAL_MODEL:    # the Hub checkpoint: quantize it
             kw["quant"] = "paper-2bit"
         return {**kw, **overrides}
 
@@ -100,7 +102,8 @@ def check_runtime(use_real_mixtral: bool = False, *, verbose: bool = True) -> Ru
     real = bool(use_real_mixtral) and cuda
     rt = Runtime(
         colab=in_colab(), device="cuda" if cuda else "cpu", gpu_name=gpu_name, gpu_memory_gb=gpu_gb,
-        model=REAL_MODEL if real else os.environ.get("MOE_COLAB_MODEL") or OFFLINE_MODEL,
+        model=(os.environ.get("MOE_COLAB_MIXTRAL") or REAL_MODEL) if real
+        else os.environ.get("MOE_COLAB_MODEL") or OFFLINE_MODEL,
         dtype_name="float16" if cuda else "float32", real_mixtral=real)
     if verbose:
         print(describe(rt, asked_for_real=bool(use_real_mixtral)))
