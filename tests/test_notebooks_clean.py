@@ -79,8 +79,8 @@ def test_notebook_skeleton(path):
 
 
 def test_notebooks_match_their_sources():
-    assert _nbtools.main(["--check"]) == 0, "run: python -m moe_colab._nbtools"
-    assert sorted(p.stem for p in _nbtools.sources()) == [p.stem for p in PATHS]
+    assert _nbtools.main(["--check", "--dir", str(NOTEBOOKS)]) == 0, "run: python -m moe_colab._nbtools"
+    assert sorted(p.stem for p in _nbtools.sources(NOTEBOOKS)) == [p.stem for p in PATHS]
 
 
 # -- the builder itself ----------------------------------------------------------------------
