@@ -1,0 +1,215 @@
+"""Measurements for the benchmark: copy bandwidth, a timed greedy decode, one row, a profile.
+
+    bandwidth     host -> device copies of 64..352 MiB (pinned and pageable), median of a few
+    timed_run     prefill (one forward over the prompt) and decode (single-token forwards with a
+                  DynamicCache, greedy), timed separately with a device synchronisation
+    measure_row   warm-up, then runs over every prompt; medians, and expert-cache counters of
+                  the decode phase summed over runs
+    profile_decode torch.profiler over a few decoded tokens: top ops, and per-token counts of
+                  synchronisations and copies (what keeps a row from its transfer bound)
+
+Definitions (docs/benchmarks.md repeats them):
+    decode tokens/s    decoded tokens / decode seconds (each token is one single-token forward)
+    hit ratio          hits / (hits + misses) over the decode phase
+    prefetch recall    prefetch_hits / (hits + misses): the share of expert uses served by a copy
+                       that a speculative prefetch had brought (it was not resident before)
+    bytes per token    bytes copied host -> device during decode / decoded tokens
+    transfer bound     bandwidth / bytes per token: the speed if copies were the only cost
+"""
+from __future__ import annotations
+
+import inspect
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+
+import psutil
+import torch
+
+MiB = 1 << 20
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_copy(dst, src, device, reps: int) -> float:
+    """Median seconds of dst.copy_(src)."""
+    times = []
+    for i in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=src.is_pinned())
+        sync(device)
+        if i:                                   # the first copy is a warm-up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bandwidth(device, sizes: list[int], *, pinned: bool, reps: int = 5) -> dict[int, float]:
+    """{bytes: GB/s} host -> ``device`` (on a CPU-only machine: host memcpy)."""
+    device = torch.device(device)
+    top = max(sizes)
+    pin = pinned and device.type == "cuda"
+    host = torch.empty(top, dtype=torch.uint8, pin_memory=pin)
+    host.fill_(1)                               # fault the pages in before timing
+    dev = torch.empty(top, dtype=torch.uint8, device=device)
+    out = {n: n / _time_copy(dev[:n], host[:n], device, reps) / 1e9 for n in sizes}
+    del host, dev
+    return out
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the largest seen (bytes)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak = interval, 0
+        self._proc, self._stop = psutil.Process(), threading.Event()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _kv_name(model) -> str:
+    # transformers renamed past_key_values to cache in 5.2x: accept both.
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _diff(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+
+
+@torch.no_grad()
+def timed_run(model, ids, n_new: int, *, device, stats_fn, deadline: float | None = None,
+              decode_context=None) -> dict:
+    """Greedy: one prefill forward over ``ids`` [1, P], then up to ``n_new`` single-token forwards
+    (fewer if ``deadline`` passes). Returns seconds, tokens, and counter deltas per phase."""
+    kv = {_kv_name(model): _new_cache(model)}
+    sync(device)
+    s0, t0 = stats_fn(), time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kv)
+    nxt = out.logits[:, -1:].argmax(-1)                                 # [1, 1]
+    sync(device)
+    s1, t1 = stats_fn(), time.perf_counter()
+    tokens, done = [nxt], 0
+    with decode_context or nullcontext():
+        for _ in range(n_new):
+            out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **kv)
+            nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(nxt)
+            done += 1
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        sync(device)
+    s2, t2 = stats_fn(), time.perf_counter()
+    return {"prompt": ids.shape[1], "prefill_s": t1 - t0, "decode_s": t2 - t1, "decoded": done,
+            "tokens": torch.cat(tokens, dim=1)[0].tolist(),
+            "prefill_stats": _diff(s1, s0), "decode_stats": _diff(s2, s1)}
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn, reset_fn,
+                row_deadline: float, hard_deadline: float, warmup_prompts: int | None = None,
+                log=print) -> dict:
+    """Warm-up, then ``runs`` rounds over every prompt (rounds after the first only before
+    ``row_deadline``). Each run starts from an empty expert cache and a rewound routing."""
+    for ids in prompts[:warmup_prompts]:
+        reset_fn()
+        timed_run(model, ids, 2, device=device, stats_fn=stats_fn)
+    records = []
+    for r in range(runs):
+        for ids in prompts:
+            if (r and time.perf_counter() > row_deadline) or time.perf_counter() > hard_deadline:
+                continue
+            reset_fn()
+            rec = timed_run(model, ids, n_new, device=device, stats_fn=stats_fn, deadline=hard_deadline)
+            records.append(rec)
+            log(f"    prompt {rec['prompt']:4d}: prefill {rec['prompt'] / rec['prefill_s']:9.1f} tok/s, "
+                f"decode {rec['decoded'] / rec['decode_s']:7.2f} tok/s ({rec['decoded']} tokens)")
+    if not records:
+        raise RuntimeError("no run fitted in the time budget")
+    dec = [r["decoded"] / r["decode_s"] for r in records if r["decoded"]]
+    totals: dict[str, float] = {}
+    for r in records:
+        for k, v in r["decode_stats"].items():
+            totals[k] = totals.get(k, 0) + v
+    decoded = sum(r["decoded"] for r in records)
+    uses = totals.get("hits", 0) + totals.get("misses", 0)
+    per_prompt = {}
+    for P in sorted({r["prompt"] for r in records}):
+        rs = [r for r in records if r["prompt"] == P]
+        per_prompt[str(P)] = {
+            "prefill_tokens_per_s": statistics.median(P / r["prefill_s"] for r in rs),
+            "decode_tokens_per_s": statistics.median(r["decoded"] / r["decode_s"] for r in rs),
+            "prefill_bytes": statistics.median(r["prefill_stats"].get("bytes_to_device", 0) for r in rs),
+            "runs": len(rs)}
+    return {
+        "decode_tokens_per_s": statistics.median(dec) if dec else None,
+        "decode_tokens_per_s_runs": [round(d, 4) for d in dec],
+        "per_prompt": per_prompt,
+        "hit_ratio": _ratio(totals.get("hits", 0), uses) if uses else None,
+        "prefetch_recall": _ratio(totals.get("prefetch_hits", 0), uses) if uses else None,
+        "bytes_per_token": _ratio(totals.get("bytes_to_device", 0), decoded),
+        "decode_counters": totals, "decoded_tokens": decoded, "truncated_runs": sum(r["decoded"] < n_new for r in records),
+        "tokens": {str(r["prompt"]): r["tokens"] for r in records},
+    }
+
+
+def profile_decode(model, ids, n_tokens: int, *, device, stats_fn, reset_fn, trace_path=None) -> dict:
+    """torch.profiler over ``n_tokens`` decoded tokens: top ops, per-token sync/copy counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=acts)
+    reset_fn()
+    rec = timed_run(model, ids, n_tokens, device=device, stats_fn=stats_fn, decode_context=prof)
+    n = max(1, rec["decoded"])
+    ka = prof.key_averages()
+    table = None
+    for key in (["self_cuda_time_total", "self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        try:
+            table = ka.table(sort_by=key, row_limit=30)
+            break
+        except Exception:   # sort keys differ across torch versions
+            continue
+    watch = ("Synchronize", "Memcpy", "aten::item", "aten::_local_scalar_dense", "LaunchKernel",
+             "cudaStreamWaitEvent", "cudaEventRecord", "aten::copy_", "aten::nonzero")
+    counts = {e.key: e.count for e in ka if any(w in e.key for w in watch)}
+
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA] if cuda else []
+    htod = sum(e.time_range.elapsed_us() for e in gpu if "Memcpy HtoD" in e.name)
+    kernels = sum(e.time_range.elapsed_us() for e in gpu if "Memcpy" not in e.name and "Memset" not in e.name)
+    if trace_path is not None:
+        prof.export_chrome_trace(str(trace_path))
+    return {"tokens": rec["decoded"], "wall_ms_per_token": 1e3 * rec["decode_s"] / n,
+            "htod_copy_ms_per_token": htod / 1e3 / n if cuda else None,
+            "device_compute_ms_per_token": kernels / 1e3 / n if cuda else None,
+            "counts_per_token": {k: round(v / n, 2) for k, v in sorted(counts.items())},
+            "table": table}

@@ -1,0 +1,157 @@
+"""Mixtral-8x7B's real shapes with synthetic low-bit weights, assembled from the engine's pieces.
+
+No checkpoint, and never a 16-bit copy of the experts: each layer's ExpertStore buffer
+(uint8 [experts, nbytes], pinned on CUDA) is filled in the quantized layout directly, one layer
+at a time, by random generators on the compute device (fast on a GPU), then copied into place:
+
+    codes  q4 | q2 | q1          uniform random bytes (every byte is valid packed codes)
+    s_q    uniform in [40, 60]   with s_scale = S / 50, s_zero = 0: S within 20% of the target
+    z_q    uniform in [120, 136] with z_scale = mid / 128, z_zero = 0: Z near the middle code
+    target S = 1 / (sqrt(in_features) * std of a uniform code): weights of std ~ 1/sqrt(in)
+
+Attention projections are QuantLinear modules filled the same way; embeddings, lm_head, routers
+(and norms = 1) are random 16-bit. Every tensor comes from a generator seeded by (seed, name) on
+the compute device, so the naive-offloading model gets bit-identical weights.
+
+    model, store = build_offloaded(config, qcfg, device=..., experts_on_device=4, prefetch=2)
+
+follows moe_colab.model.load_model: build_trunk -> ExpertStore (copy mode) + QuantizedExpertFormat
+-> ExpertCache -> attach_experts (OffloadedMoE blocks, Speculators).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from .adapters.mixtral import MixtralAdapter
+from .cache import ExpertCache
+from .config import mixtral_config
+from .model import attach_experts, build_trunk
+from .quant.format import QuantLinear, QuantizedExpertFormat, attach_quant_linears_
+from .storage import ExpertStore
+
+# --scale: Mixtral-8x7B itself, or smaller shapes (8 experts, top-2 kept) for smoke tests.
+SCALES = {
+    "full": {},
+    "small": dict(num_hidden_layers=4, hidden_size=1024, intermediate_size=3584,
+                  num_attention_heads=8, num_key_value_heads=2),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+}
+ROUTER_STD = 2.0    # router logits ~ N(0, 2^2): input-dependent, fairly decisive routing
+
+
+def bench_config(scale: str = "full", layers: int | None = None):
+    if scale not in SCALES:
+        raise ValueError(f"unknown --scale {scale!r}; choose one of {sorted(SCALES)}")
+    over = dict(SCALES[scale])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        over["num_hidden_layers"] = layers
+    return mixtral_config("mixtral-8x7b", **over)
+
+
+def generator(seed: int, name: str, device) -> torch.Generator:
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return g
+
+
+def fill_quant_(tensors: dict[str, torch.Tensor], bits: int, in_features: int, g: torch.Generator) -> None:
+    """Fill the stored tensors of one low-bit matrix (names q4|q2|q1, s_q, s_scale, ...; any
+    leading dimensions, e.g. [experts, ...]) with random codes and sane scales and zeros."""
+    levels = 1 << bits
+    code_std = math.sqrt((levels * levels - 1) / 12)             # std of a uniform code
+    target = 1.0 / (math.sqrt(in_features) * code_std)
+    for name, t in tensors.items():
+        if name in ("q4", "q2", "q1"):
+            t.random_(0, 256, generator=g)
+        elif name == "s_q":
+            t.random_(40, 61, generator=g)
+        elif name == "z_q":
+            t.random_(120, 137, generator=g)
+        elif name == "s_scale":
+            t.fill_(target / 50)
+        elif name == "z_scale":
+            t.fill_((levels - 1) / 2 / 128)
+        elif name in ("s_zero", "z_zero"):
+            t.zero_()
+        else:
+            raise KeyError(f"unexpected quantized tensor name {name!r}")
+
+
+def fill_store_(store: ExpertStore, seed: int, device, progress=None) -> None:
+    """Fill every expert buffer of ``store`` in the QuantizedExpertFormat layout."""
+    fmt: QuantizedExpertFormat = store.format
+    device = torch.device(device)
+    in_features = {"w1": fmt.hidden, "w3": fmt.hidden, "w2": fmt.intermediate}
+    for layer in range(store.num_layers):
+        host = store.buffers[layer]                                      # [E, nbytes]
+        buf = torch.zeros_like(host, device=device) if device.type == "cuda" else host.zero_()
+        for name in fmt.names:
+            cols = {s.name.split(".", 1)[1]: buf[:, s.offset:s.offset + s.nbytes].view(s.dtype)
+                    for s in fmt.layout.specs if s.name.startswith(name + ".")}   # [E, numel] each
+            fill_quant_(cols, fmt.bits, in_features[name], generator(seed, f"experts.{layer}.{name}", device))
+        if buf is not host:
+            host.copy_(buf)
+        for e in range(store.num_experts):
+            store.written[layer][e].update(("w1", "w2", "w3"))
+        if progress is not None:
+            progress(layer)
+
+
+def trunk_tensor(name: str, shape, dtype, hidden: int, seed: int, device) -> torch.Tensor:
+    """A 16-bit trunk parameter by name: norms 1, embeddings N(0,1), lm_head and routers scaled."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    g = generator(seed, name, device)
+    t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+    if name.endswith("mlp.gate.weight"):
+        t *= ROUTER_STD / math.sqrt(hidden)
+    elif not name.endswith("embed_tokens.weight"):
+        t /= math.sqrt(hidden)
+    return t.to(dtype)
+
+
+def synthetic_trunk_state(model, seed: int, device, dtype) -> dict[str, torch.Tensor]:
+    """Every trunk tensor of ``model`` (meta is fine) by name, generated on ``device``: 16-bit
+    parameters, and the QuantLinear buffers of the attention projections. Experts excluded."""
+    hidden = model.config.hidden_size
+    state = {n: trunk_tensor(n, p.shape, dtype, hidden, seed, device)
+             for n, p in model.named_parameters() if ".mlp.experts" not in n}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            mat = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in m.matrix().items()}
+            fill_quant_(mat, m.bits, m.in_features, generator(seed, name, device))
+            state.update({f"{name}.{k}": v for k, v in mat.items()})
+    return state
+
+
+def make_store(config, qcfg, device, dtype, seed: int, progress=None) -> ExpertStore:
+    adapter = MixtralAdapter()
+    qcfg.validate_for(config)
+    fmt = QuantizedExpertFormat(config.hidden_size, config.intermediate_size, qcfg, dtype,
+                                adapter.activation(config))
+    store = ExpertStore(config.num_hidden_layers, config.num_local_experts, fmt,
+                        pin=torch.device(device).type == "cuda")
+    fill_store_(store, seed, device, progress)
+    return store
+
+
+def build_offloaded(config, qcfg, store: ExpertStore, *, device, dtype, experts_on_device: int,
+                    prefetch: int, seed: int = 0, guess_from: str = "before"):
+    """The engine's model (OffloadedMoE blocks, an ExpertCache over ``store``) with synthetic
+    trunk weights: what moe_colab.model.load_model assembles, without a checkpoint."""
+    adapter = MixtralAdapter()
+    device = torch.device(device)
+    model = build_trunk(adapter, config, dtype)                     # meta device
+    attach_quant_linears_(model, qcfg, device="meta")
+    state = synthetic_trunk_state(model, seed, device, dtype)
+    cache = ExpertCache(store, experts_on_device, device)
+    model = attach_experts(model, adapter, config, cache, state, device=device, prefetch=prefetch,
+                           guess_from=guess_from)
+    del state
+    return model
