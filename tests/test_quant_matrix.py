@@ -16,7 +16,8 @@ def test_before_meta_quantization_we_equal_hqq_dequantize(bits, group_size, scal
 
     W = 0.02 * torch.randn(40, 128, generator=torch.Generator().manual_seed(bits))
     # hqq's own path: its packing (bitpack=True) and its dequantize
-    W_q, meta = Quantizer.quantize(W, nbits=bits, group_size=group_size, axis=1, device="cpu")
+    W_q, meta = Quantizer.quantize(W, nbits=bits, group_size=group_size, axis=1, device="cpu",
+                                   round_zero=bits == 4)     # as hqq's BaseQuantizeConfig
     want = Quantizer.dequantize(W_q, meta).float()
     # ours: hqq's codes/scales/zeros through OUR planar packing and dequantization
     Q, S, Z = hqq_quantize(W, bits, group_size, "cpu")

@@ -23,6 +23,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def round_zero(bits: int) -> bool:
+    """hqq's BaseQuantizeConfig (0.1, which the paper used, and 0.2) rounds 4-bit zero-points."""
+    return bits == 4
+
+
 def hqq_quantize(W: torch.Tensor, bits: int, group_size: int, device=None):
     """W [out, in] -> (Q uint8 [out, in], S fp32 [out*in/g], Z fp32 [out*in/g]) by hqq, unpacked.
 
@@ -37,7 +42,7 @@ def hqq_quantize(W: torch.Tensor, bits: int, group_size: int, device=None):
     tensor_shapes(bits, (out, inn), group_size, 1)   # checks bits, in % 8 and in % group_size
     device = torch.device(device) if device is not None else W.device
     W_q, meta = Quantizer.quantize(W.to(device), nbits=bits, channel_wise=True, group_size=group_size,
-                                   optimize=True, round_zero=False, axis=1, bitpack=False,
+                                   optimize=True, round_zero=round_zero(bits), axis=1, bitpack=False,
                                    device=str(device))
     Q = W_q.reshape(out, inn).round().to(torch.uint8).cpu()
     S = meta["scale"].reshape(-1).float().cpu()      # already 1/scale: W ~ (Q - Z) * S
