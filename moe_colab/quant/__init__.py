@@ -7,6 +7,8 @@
     format.py     QuantizedExpertFormat (one buffer per expert), QuantLinear, quantize_trunk_
     quantize.py   quantize a checkpoint once, resumably; manifest.py reads it back
     size.py       estimate_size (Table 1's size column)
+    experts.py    a whole model quantized in memory (QuantizedExperts, quantize_model_)
+    perplexity.py perplexity and the 16-pair (attention, experts) table
     kernels.py    fused Triton dequant + matmul (written against the same format)
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.3 and Table 1.
@@ -27,6 +29,8 @@ _PUBLIC = {
     "quantize_trunk_": "moe_colab.quant.format",
     "open_quantized": "moe_colab.quant.manifest",
     "is_quantized_dir": "moe_colab.quant.manifest",
+    "quantize_model_": "moe_colab.quant.experts",
+    "perplexity": "moe_colab.quant.perplexity",
 }
 
 

@@ -148,7 +148,8 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
         for (_, _, (layer, expert, w)), t in tensors_of(todo_experts):
             buf, written = open_layers.setdefault(
                 layer, (torch.zeros(n_experts, fmt.layout.nbytes, dtype=torch.uint8), set()))
-            fmt.write(fmt.layout.views(buf[expert]), w, t.to(device))
+            # hqq runs on `device`; 16-bit experts are only copied (and cast) into the buffer
+            fmt.write(fmt.layout.views(buf[expert]), w, t if qcfg.expert_bits == 16 else t.to(device))
             written.add((expert, w))
             if len(written) == 3 * n_experts:
                 _save_unit(dst, layer_file(layer), {"experts": buf}, manifest)
