@@ -204,3 +204,20 @@ def test_load_model_auto_uses_the_plan(ckpt, monkeypatch):
         raise
     p = plan(ckpt, device="cpu", dtype=torch.float32, host_bytes=64 * GiB)
     assert model.moe_cache.experts_on_device == p.experts_on_device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_pins_powers_of_two_as_the_planner_assumes():
+    """129 MiB pinned takes 256 MiB (resident: pinned pages are locked), as pinned_allocation_bytes
+    says; if torch stops rounding, the planner's host figures must change with it."""
+    import psutil
+    torch.cuda.init()
+    proc = psutil.Process()
+    n = 129 * 2**20
+    before = proc.memory_info().rss
+    t = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    grew = proc.memory_info().rss - before
+    assert t.is_pinned()
+    assert pinned_allocation_bytes(n) == 256 * 2**20
+    assert grew > 200 * 2**20, f"pinning {n} bytes grew RSS by only {grew} bytes: no power-of-two rounding?"
