@@ -4,8 +4,8 @@
     python benchmarks/locality_report.py --model path/to/ckpt --text some_file.py
     python benchmarks/locality_report.py --random             # a random checkpoint (no tiny yet)
 
-It records the routing of a held-out Python source file, then measures what the paper's
-Figure 2 plots: cache hit ratios (LRU and the other policies, 1..E slots) and speculative
+It records the routing of Python source the model never trained on (tiny's held-out split),
+then measures what the paper's Figure 2 plots: cache hit ratios (LRU and the other policies, 1..E slots) and speculative
 prefetch recall (1, 2, ... layers ahead), for both guess sources ("before"/"after" the experts).
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, Figure 2; ../shared/reference/paper.md.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ from moe_colab.simulate import POLICIES, hit_ratio_table, simulate_cache, simula
 
 ROOT = Path(__file__).resolve().parents[1]
 GREY = "#7f7f7f"
-DEFAULT_TEXT = Path(textwrap.__file__)      # stdlib source: Python code the model did not train on
 
 
 def random_checkpoint(directory: Path) -> Path:
@@ -68,6 +66,22 @@ def load(args):
     return model, tokenizer, about
 
 
+def heldout_text(max_chars: int) -> tuple[str, list[str]]:
+    """The start of tiny's held-out split (stdlib files it never trained on), whole files joined."""
+    from moe_colab.train_tiny import stdlib_files
+    _, heldout, root = stdlib_files()
+    parts, names = [], []
+    for path in heldout:
+        try:
+            parts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        names.append(path.relative_to(root).as_posix())
+        if sum(map(len, parts)) >= max_chars:
+            break
+    return "\n".join(parts), names
+
+
 def tokenize(text: str, tokenizer, max_tokens: int):
     """(ids, (start, end) offsets, token strings) of the first max_tokens tokens."""
     if tokenizer is None:               # characters as tokens (the random checkpoint)
@@ -89,9 +103,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--random", action="store_true", help="use a random checkpoint instead of --model")
-    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--text", type=Path, default=None,
+                    help="a Python file (default: tiny's held-out stdlib files, see train_tiny.py)")
     ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--chunk", type=int, default=512, help="tokens per forward (each chunk starts afresh)")
+    ap.add_argument("--chunk", type=int, default=256, help="tokens per forward (each chunk starts afresh)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "locality.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -99,7 +114,11 @@ def main(argv=None) -> None:
     model, tokenizer, about = load(args)
     cfg = model.config
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    text = args.text.read_text()
+    if args.text is not None:
+        text, source = args.text.read_text(), f"`{args.text.name}`"
+    else:
+        text, names = heldout_text(12 * args.max_tokens)
+        source = "tiny's held-out split of the Python standard library (" + ", ".join(f"`{n}`" for n in names) + ")"
     ids, offsets, pieces = tokenize(text, tokenizer, args.max_tokens)
     chunk = min(args.chunk, cfg.max_position_embeddings)
     chunks = [torch.tensor(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
@@ -111,8 +130,8 @@ def main(argv=None) -> None:
     figs.mkdir(parents=True, exist_ok=True)
     md = [f"# Expert locality, cache policies and speculative prefetch\n",
           f"Written by `python benchmarks/locality_report.py` (do not edit by hand). **Our numbers come "
-          f"from {about}**, {L} layers, {E} experts, top-{k}, on `{args.text.name}` from the Python "
-          f"standard library ({T} tokens, forwards of {chunk} tokens), computed on "
+          f"from {about}**, {L} layers, {E} experts, top-{k}, on {source}: the first {T} tokens, in "
+          f"forwards of {chunk} tokens, computed on "
           f"{'CUDA, float16' if model.device.type == 'cuda' else 'the CPU, float32'}. The paper measured "
           f"Mixtral-8x7B-Instruct (32 layers, 8 experts, top-2); its figure is summarised beside ours.\n"]
 
@@ -123,7 +142,7 @@ def main(argv=None) -> None:
     chance, chance_f = chance_reuse(E, k), chance_reuse(E, k, "fraction")
     series = {f"layer {l}": [(d + 1, float(reuse[l, d])) for d in range(D)] for l in range(L)}
     series["chance"] = [(d, chance) for d in range(1, D + 1)]
-    (figs / "reuse.svg").write_text(line_chart(series, title="P(token t+d reuses an expert of token t)",
+    (figs / "locality_reuse.svg").write_text(line_chart(series, title="P(token t+d reuses an expert of token t)",
                                                xlabel="distance d (tokens)", ylabel="probability",
                                                dashed={"chance"}, colors={"chance": GREY}))
     md += ["## 1. Do nearby tokens reuse the same experts?\n",
@@ -131,7 +150,7 @@ def main(argv=None) -> None:
            f"chosen by token t+d. Chance (uniformly random top-{k} of {E}) is exactly "
            f"1 - C({E - k},{k})/C({E},{k}) = **{chance:.3f}**. The last rows give the mean over "
            f"layers, and the mean share of token t's experts reused at t+d (chance {chance_f:.3f}).\n",
-           "![reuse probability](figures/reuse.svg)\n",
+           "![reuse probability](figures/locality_reuse.svg)\n",
            table(["layer"] + [f"d={d}" for d in range(1, D + 1)],
                  [[l] + reuse[l].tolist() for l in range(L)]
                  + [["mean"] + reuse.nanmean(0).tolist(), ["chance"] + [chance] * D,
@@ -168,13 +187,13 @@ def main(argv=None) -> None:
     pf = {f"lru + prefetch {p} ({src})": [simulate_prefetch(trace, guesses[src], s, p)["hit_ratio"] for s in sizes]
           for p in (1, 2) for src in ("before", "after")}
     colors = {"lru, tokens shuffled": GREY, **{n: PALETTE[4 + ("2" in n)] for n in pf}}
-    (figs / "hit_ratio.svg").write_text(line_chart(
+    (figs / "locality_hit_ratio.svg").write_text(line_chart(
         {n: list(zip(sizes, v)) for n, v in {**hits, **pf}.items()},
         title="Cache hit ratio vs experts cached per layer", xlabel="cache size (experts per layer)",
         ylabel="hit ratio", dashed={"lru, tokens shuffled"} | {n for n in pf if "after" in n}, colors=colors))
     lru_layers = {f"lru, {s} slots": [(l, simulate_cache(trace, s, "lru")["per_layer"]["hit_ratio"][l])
                                       for l in range(L)] for s in (2, 3, 4) if s <= E}
-    (figs / "lru_per_layer.svg").write_text(line_chart(lru_layers, title="LRU hit ratio per layer (paper Fig. 2 left)",
+    (figs / "locality_lru_per_layer.svg").write_text(line_chart(lru_layers, title="LRU hit ratio per layer (paper Fig. 2 left)",
                                                        xlabel="layer", ylabel="hit ratio"))
     md += ["## 4. Cache hit ratio vs cache size\n",
            "Each layer's cache replays the trace token by token (`moe_colab.simulate`: a token's experts "
@@ -182,7 +201,7 @@ def main(argv=None) -> None:
            "policy can beat it. `lru, tokens shuffled` destroys the token order (same loads): the gap to "
            "`lru` is what temporal locality buys. `lru + prefetch p` loads layer l's p best guesses "
            "(from layer l-1's state) before layer l runs, as the engine does.\n",
-           "![hit ratio](figures/hit_ratio.svg)\n", "![LRU per layer](figures/lru_per_layer.svg)\n",
+           "![hit ratio](figures/locality_hit_ratio.svg)\n", "![LRU per layer](figures/locality_lru_per_layer.svg)\n",
            table(["policy"] + [f"{s} slots" for s in sizes], [[n] + v for n, v in {**hits, **pf}.items()])]
 
     # 5. Prefetch recall ---------------------------------------------------------------------
@@ -193,7 +212,7 @@ def main(argv=None) -> None:
     series["chance"] = [(p, p / E) for p in sizes]
     colors = {"chance": GREY, **{f"{a} ahead ({src})": PALETTE[i] for i, a in enumerate(ahead)
                                  for src in ("before", "after")}}
-    (figs / "prefetch_recall.svg").write_text(line_chart(
+    (figs / "locality_prefetch_recall.svg").write_text(line_chart(
         series, title="Speculative prefetch recall (paper Fig. 2 right)", xlabel="experts pre-loaded",
         ylabel="recall", dashed={"chance"} | {n for n in series if "after" in n}, colors=colors))
     md += ["## 5. Speculative prefetch recall\n",
@@ -201,7 +220,7 @@ def main(argv=None) -> None:
            f"share of the {k} experts layer l+a really used that are among the p guesses, averaged over "
            f"tokens and layers. `before` = the residual stream after layer l's attention, before its "
            f"experts (earliest); `after` = layer l's output. Chance: p/{E}.\n",
-           "![prefetch recall](figures/prefetch_recall.svg)\n",
+           "![prefetch recall](figures/locality_prefetch_recall.svg)\n",
            table(["layers ahead", "source"] + [f"p={p}" for p in sizes],
                  [[a, src] + recall[src]["recall"][i].tolist() for i, a in enumerate(ahead)
                   for src in ("before", "after")] + [["-", "chance"] + [p / E for p in sizes]])]
@@ -220,7 +239,7 @@ def main(argv=None) -> None:
            f"{hits['lru'][1]:.2f}/{hits['lru'][min(3, E - 1)]:.2f}; recall 1 layer ahead with 2 guesses "
            f"{b:.2f} (before) / {a_:.2f} (after).\n"]
     args.out.write_text("\n".join(md))
-    print(f"wrote {args.out} and {figs}/*.svg")
+    print(f"wrote {args.out} and {figs}/locality_*.svg")
     print(f"recall@p={k} 1 ahead: before {b:.3f}, after {a_:.3f}; lru hit ratio by size: "
           + ", ".join(f"{v:.3f}" for v in hits["lru"]))
 
