@@ -5,8 +5,9 @@
     python benchmarks/locality_report.py --random             # a random checkpoint (no tiny yet)
 
 It records the routing of Python source the model never trained on (tiny's held-out split),
-then measures what the paper's Figure 2 plots: cache hit ratios (LRU and the other policies, 1..E slots) and speculative
-prefetch recall (1, 2, ... layers ahead), for both guess sources ("before"/"after" the experts).
+then measures what the paper's Figure 2 plots: cache hit ratios (LRU and the other policies,
+1..E slots) and speculative prefetch recall (1, 2, ... layers ahead), for both guess sources
+("before"/"after" the experts).
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, Figure 2; ../shared/reference/paper.md.
 """
