@@ -48,9 +48,13 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     directory = resolve(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(directory))
+    quant = args.quant
+    if quant is not None:
+        from .quant.quantize import parse_quant_arg
+        quant = parse_quant_arg(quant)
     model = load_model(directory, device=device, dtype=dtype, experts_on_device=args.experts_on_device,
-                       prefetch=args.prefetch, quant=args.quant)
+                       prefetch=args.prefetch, quant=quant, swap=args.swap)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SystemExit(f"--chat: the tokenizer of {args.model} has no chat template")
@@ -80,10 +84,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant.quantize import quantize
+    from .quant.quantize import main_quantize
 
-    quantize(args.src, args.dst, quant=args.quant)
-    return 0
+    return main_quantize(args)
+
+
+def tokenizer_source(directory):
+    """A quantized directory may hold no tokenizer: then use the checkpoint it was made from."""
+    from .checkpoint import resolve
+    from .quant.manifest import MANIFEST, read_manifest
+
+    has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                            "tokenizer_config.json"))
+    if has_tokenizer or not (directory / MANIFEST).is_file():
+        return directory
+    return resolve(read_manifest(directory)["source"])
 
 
 def cmd_bench(args) -> int:
@@ -106,16 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     g.add_argument("--experts-on-device", type=int, default=4)
     g.add_argument("--prefetch", type=int, default=2)
-    g.add_argument("--quant", default=None, help="paper-2bit, paper-3bit (default: none)")
+    g.add_argument("--quant", default=None,
+                   help="quantize while loading: paper-2bit, paper-3bit or ATTN,EXPERT bits such as 4,2 "
+                        "(default: none; a directory written by `quantize` needs no flag)")
+    g.add_argument("--swap", action="store_true",
+                   help="keep each expert on the host or the device, never both (less host memory)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="quantize a checkpoint once, shard by shard (resumable)")
-    q.add_argument("src")
-    q.add_argument("dst")
-    q.add_argument("--quant", default="paper-2bit")
+    from .quant.quantize import add_quantize_arguments
+    add_quantize_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="benchmark offloading on the GPU (see moe_colab/bench.py)",

@@ -27,3 +27,14 @@ def test_bad_input_is_one_clear_line(tmp_path):
     r = run_cli("generate", "--model", str(tmp_path / "missing"), "--device", "cpu")
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quantize_then_generate_from_the_quantized_directory(tmp_path):
+    ck = write_checkpoint(tmp_path / "ck", vocab=300, hidden=64, intermediate=128, tokenizer=True)
+    r = run_cli("quantize", str(ck), str(tmp_path / "q"), "--quant", "4,2", "--device", "cpu",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "q"), "--prompt", "for i in", "--max-new-tokens",
+                "8", "--device", "cpu", "--experts-on-device", "1", "--swap")
+    assert r.returncode == 0, r.stderr
+    assert "for i in" in r.stdout and "tokens/s" in r.stdout
