@@ -59,7 +59,7 @@ class PlanError(ValueError):
     """Nothing fits: raised before any allocation, with the numbers and what to change."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Plan:
     model: str
     scheme: str                 # quantization scheme name ("16-bit", "paper-2bit", ...)
@@ -149,6 +149,8 @@ class Plan:
         lines += [f"  {a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
         lines += self._budget_lines()
         return "\n".join(lines)
+
+    __repr__ = __str__
 
     def _budget_lines(self) -> list[str]:
         if self.shared_pool:
