@@ -226,3 +226,18 @@ def test_torch_pins_powers_of_two_as_the_planner_assumes():
     else:
         grew = proc.memory_info().rss - before_rss
         assert grew > 200 * 2**20, f"pinning {n} bytes grew RSS by only {grew} bytes: no power-of-two rounding?"
+
+
+def test_plan_of_a_quantized_directory(ckpt, tmp_path):
+    qdir = moe_colab.quantize(ckpt, tmp_path / "q", "paper-2bit", device="cpu", progress=False)
+    p = plan(qdir, device="cpu", dtype=torch.float32, host_bytes=8 * GiB, experts_on_device=2)
+    assert p.scheme == "paper-2bit"
+    assert p.expert_bytes == plan(ckpt, "paper-2bit", device="cpu", dtype=torch.float32,
+                                  host_bytes=8 * GiB).expert_bytes
+    model = moe_colab.load_model(qdir, device="cpu", dtype=torch.float32, prefetch=0, progress=False,
+                                 **p.load_kwargs())
+    assert model.moe_cache.store.nbytes == p.expert_bytes
+    assert model.moe_cache.device_bytes == p.cache_bytes
+    assert trunk_bytes_of(model) == p.trunk_bytes
+    with pytest.raises(ValueError, match="paper-3bit"):
+        plan(qdir, "paper-3bit", device="cpu", host_bytes=8 * GiB)
