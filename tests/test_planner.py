@@ -241,3 +241,27 @@ def test_plan_of_a_quantized_directory(ckpt, tmp_path):
     assert trunk_bytes_of(model) == p.trunk_bytes
     with pytest.raises(ValueError, match="paper-3bit"):
         plan(qdir, "paper-3bit", device="cpu", host_bytes=8 * GiB)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", [None, "paper-2bit"])
+def test_cuda_peak_memory_stays_within_the_plan(tmp_path, quant):
+    """Prefill a prompt that fills max_context, then decode: the GPU's peak allocation stays under
+    the plan's device total (trunk + slots + KV + workspace), and above trunk + slots."""
+    ck = write_checkpoint(tmp_path / "ck", layers=2, experts=8, top_k=2, heads=8, kv_heads=2, hidden=1024,
+                          intermediate=2816, vocab=2048, seed=4, shard_size="200MB")
+    ctx = 1024
+    p = plan(ck, quant, device="cuda", dtype=torch.float16, max_context=ctx, experts_on_device=4,
+             device_bytes=64 * GiB, host_bytes=64 * GiB)
+    model = moe_colab.load_model(ck, device="cuda", dtype=torch.float16, prefetch=2, progress=False,
+                                 **p.load_kwargs())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ids = torch.randint(3, 2048, (1, ctx - 24), device="cuda")
+    model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    peak = torch.cuda.max_memory_allocated()
+    assert base >= p.trunk_bytes + p.cache_bytes - 2**20
+    assert peak <= p.device_total, (f"peak {peak / 2**20:.1f} MiB > plan {p.device_total / 2**20:.1f} MiB "
+                                    f"(workspace estimate {p.workspace_bytes / 2**20:.1f} MiB)")
