@@ -75,21 +75,30 @@ def _check_device(device) -> torch.device:
 
 
 def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, prefetch=2,
-               quant=None, dtype=torch.float16, guess_from: str = "before", swap: bool = False,
-               progress: bool = True):
+               quant=None, dtype=torch.float16, guess_from: str = "before", swap: bool | None = None,
+               max_context: int = 4096, progress: bool = True):
     """Load a Mixtral-architecture checkpoint with its experts offloaded.
 
     path: a local directory (HF layout), a built-in name ("tiny") or a Hub id.
-    experts_on_device: LRU slots per layer on the compute device (1..num_experts).
+    experts_on_device: LRU slots per layer on the compute device (1..num_experts), or "auto":
+        the largest number that fits this machine (moe_colab.plan), which also picks swap mode
+        when the host cannot hold every expert; raises PlanError before allocating if nothing fits.
     prefetch: experts of the next layer loaded speculatively (0..num_experts; 0 = off).
     quant: None (16-bit), a preset name ("paper-2bit", "paper-3bit") or a QuantConfig.
     swap: keep each expert either on the device or on the host, never both (host memory
         (E - k + 1) / E of the experts instead of all; one extra device-to-host copy per miss).
+        None: False, unless experts_on_device="auto" finds the host too small.
+    max_context: the longest sequence the "auto" plan leaves KV-cache room for.
     """
     directory = resolve(path)
     device = _check_device(device)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    if experts_on_device == "auto":
+        from .planner import resolve_experts_on_device
+        experts_on_device, swap = resolve_experts_on_device(directory, quant, device, dtype, swap=swap,
+                                                            max_context=max_context)
+    swap = bool(swap)
     if _is_quantized_dir(directory):
         return _load_quantized_dir(directory, device=device, experts_on_device=experts_on_device,
                                    prefetch=prefetch, quant=quant, dtype=dtype, guess_from=guess_from,

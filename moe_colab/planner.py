@@ -248,7 +248,7 @@ def _budget_value(name: str, value):
 def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_context: int = 4096, *,
          device=None, dtype: torch.dtype = torch.float16, experts_on_device: int | None = None,
          min_experts_on_device: int | None = None, swap: bool | None = None,
-         pinned_rounding: bool = True) -> Plan:
+         pinned_rounding: bool = False) -> Plan:
     """The largest number of experts per layer that fits, and whether swap mode is needed.
 
     model_or_config: a preset name ("mixtral-8x7b"), a MixtralConfig, a checkpoint directory
@@ -258,8 +258,9 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
         available host memory). device: "cuda" or "cpu" (default: cuda if available).
     experts_on_device / swap: fix them instead of choosing (the plan still checks they fit).
     min_experts_on_device: the smallest k accepted (default top_k; see the module docstring).
-    pinned_rounding: count torch's power-of-two rounding of pinned tensors (False: an engine
-        that pins exact sizes, e.g. with cudaHostRegister).
+    pinned_rounding: count torch's power-of-two rounding of pinned tensors. The engine pins exact
+        sizes (storage.pinned_empty registers ordinary memory with cudaHostRegister), so False;
+        True shows what torch's own pinned allocator would cost.
     Raises PlanError, naming the numbers and what to change, when nothing fits.
     """
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
@@ -280,7 +281,7 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
     raise PlanError(_refusal(closest, model, args, choice))
 
 
-def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=True, experts_on_device=None,
+def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=False, experts_on_device=None,
             min_experts_on_device=None, swap=None) -> tuple[Plan | None, Plan]:
     """(the plan, None) or (None, the closest miss); allocates nothing."""
     name, config, qcfg, exact_expert, from_original = model

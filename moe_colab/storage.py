@@ -13,6 +13,7 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.3 ("one host-to-device c
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,6 +109,25 @@ class DenseExpertFormat:
         return F.linear(self.act(gate) * up, views["w2"])      # [T, H]
 
 
+def pinned_empty(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+    """uint8 [rows, nbytes] in host memory, page-locked when ``pin``.
+
+    torch's pinned allocator (``pin_memory=True``) rounds every block up to a power of two: a
+    274 MiB layer of 3-bit experts would take 512 MiB of Colab's 12.7 GB. So allocate ordinary
+    memory and page-lock exactly that with cudaHostRegister; fall back to torch's allocator if
+    registration fails.
+    """
+    if not pin:
+        return torch.empty(rows, nbytes, dtype=torch.uint8)
+    t = torch.empty(rows, nbytes, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    if int(err) != 0 or not t.is_pinned():
+        return torch.empty(rows, nbytes, dtype=torch.uint8, pin_memory=True)
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+    return t
+
+
 class ExpertStore:
     """All experts of all layers in host memory, one uint8 row per expert.
 
@@ -130,8 +150,7 @@ class ExpertStore:
         self.nbytes = fmt.layout.nbytes
         self.swap = device_first > 0
         rows = num_experts - device_first + 1 if self.swap else num_experts
-        self.buffers = [torch.empty(rows, self.nbytes, dtype=torch.uint8, pin_memory=pin)
-                        for _ in range(num_layers)]
+        self.buffers = [pinned_empty(rows, self.nbytes, pin) for _ in range(num_layers)]
         self.home: list[list[int | None]] = [
             [None if e < device_first else e - device_first for e in range(num_experts)]
             for _ in range(num_layers)]

@@ -73,13 +73,16 @@ def test_more_memory_never_means_fewer_experts():
 def test_copy_mode_when_the_host_holds_every_expert():
     p = plan("mixtral-8x7b", "paper-2bit", device="cuda", device_bytes=15 * GiB, host_bytes=64 * GiB)
     assert not p.swap
-    assert p.host_expert_bytes == 32 * pinned_allocation_bytes(8 * p.expert_bytes)
+    assert p.host_expert_bytes == 32 * 8 * p.expert_bytes       # exact: storage.pinned_empty
+    rounded = plan("mixtral-8x7b", "paper-2bit", device="cuda", device_bytes=15 * GiB, host_bytes=64 * GiB,
+                   pinned_rounding=True)
+    assert rounded.host_expert_bytes == 32 * pinned_allocation_bytes(8 * p.expert_bytes)
 
 
 def test_swap_mode_host_bytes_follow_the_engine_formula():
     p = plan("mixtral-8x7b", "paper-2bit", **T4)
     rows = p.num_experts - p.experts_on_device + 1
-    assert p.host_expert_bytes == p.num_layers * pinned_allocation_bytes(rows * p.expert_bytes)
+    assert p.host_expert_bytes == p.num_layers * rows * p.expert_bytes
 
 
 def test_pinned_rounding():
@@ -226,6 +229,30 @@ def test_torch_pins_powers_of_two_as_the_planner_assumes():
     else:
         grew = proc.memory_info().rss - before_rss
         assert grew > 200 * 2**20, f"pinning {n} bytes grew RSS by only {grew} bytes: no power-of-two rounding?"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expert_store_pins_exact_sizes():
+    """storage.pinned_empty page-locks exactly what it asks for (cudaHostRegister), so the
+    planner counts rows * expert_bytes, not torch's power of two."""
+    import psutil
+    from moe_colab.storage import pinned_empty
+    torch.cuda.init()
+    proc = psutil.Process()
+    n = 129 * 2**20
+    before = proc.memory_info().rss
+    t = pinned_empty(1, n, pin=True)
+    assert t.is_pinned()
+    grew = proc.memory_info().rss - before
+    assert n * 0.9 < grew < 150 * 2**20, grew
+    gpu = torch.empty(n, dtype=torch.uint8, device="cuda")
+    t.view(-1).fill_(7)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu.copy_(t.view(-1), non_blocking=True)
+    stream.synchronize()
+    assert int(gpu[::4096].min()) == 7
 
 
 def test_plan_of_a_quantized_directory(ckpt, tmp_path):
