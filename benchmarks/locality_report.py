@@ -57,7 +57,8 @@ def load(args):
                  "tokens): its numbers show the tools work, not how a trained model routes")
     else:
         path = resolve(args.model)
-        about = f"`{args.model}` ({path.name})"
+        about = f"`{args.model}`" + (f" ({path})" if Path(args.model).name != args.model else
+                                     " (the model shipped in moe_colab/models, see its README.md)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = MixtralForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -88,7 +89,7 @@ def tokenize(text: str, tokenizer, max_tokens: int):
     if tokenizer is None:               # characters as tokens (the random checkpoint)
         ids = [min(ord(c), 255) for c in text[:max_tokens]]
         return ids, [(i, i + 1) for i in range(len(ids))], list(text[:max_tokens])
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
     ids, offsets = enc["input_ids"][:max_tokens], enc["offset_mapping"][:max_tokens]
     return ids, offsets, tokenizer.convert_ids_to_tokens(ids)
 
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--random", action="store_true", help="use a random checkpoint instead of --model")
     ap.add_argument("--text", type=Path, default=None,
                     help="a Python file (default: tiny's held-out stdlib files, see train_tiny.py)")
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--chunk", type=int, default=256, help="tokens per forward (each chunk starts afresh)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "locality.md")
     args = ap.parse_args(argv)
@@ -228,7 +229,13 @@ def main(argv=None) -> None:
     b, a_ = (float(recall[s]["recall"][0, k - 1]) for s in ("before", "after"))
     md += [f"One layer ahead with p = top_k = {k}: recall **{b:.3f}** from `before`, **{a_:.3f}** from "
            f"`after`: {'before' if b > a_ else 'after'} guesses better here"
-           f"{' (a tie)' if abs(b - a_) < 0.005 else ''}.\n"]
+           f"{' (a tie)' if abs(b - a_) < 0.005 else ''}. Better recall is not the whole story: a "
+           f"`before` guess is known while layer l's experts still run, so its copies can overlap "
+           f"them, while an `after` guess only overlaps layer l+1's attention (the hit ratios above "
+           f"assume every prefetch arrives in time). Per layer, one layer ahead, p = {k}:\n",
+           table(["guess made at layer", "for layer", "before", "after"],
+                 [[l, l + 1] + [float(recall[s]["per_layer"][0, l, k - 1]) for s in ("before", "after")]
+                  for l in range(L - 1)])]
 
     # 6. The paper -----------------------------------------------------------------------------
     md += ["## The paper's Figure 2, for comparison\n",
