@@ -143,12 +143,14 @@ offsets = [tuple(o) for o in enc.offset_mapping[0].tolist()]
 kinds = token_categories(text, offsets)
 counts = category_expert_counts(long_trace, kinds)          # [layers, categories, experts]
 last = cfg.num_hidden_layers - 1
+print(f"layer {last}: the expert most used by each kind of token, and how often it is in their top-{K}")
 for c, name in enumerate(CATEGORIES):
-    uses = counts[last, c]
-    if uses.sum() >= 10:
+    uses = counts[last, c]                                  # [E]: uses by tokens of this kind
+    tokens_of_kind = int(uses.sum()) // K
+    if tokens_of_kind >= 5:
         top = int(uses.argmax())
-        print(f"{name:12s} {int(uses.sum()) // K:4d} tokens: at layer {last}, expert {top} serves "
-              f"{uses[top] / uses.sum():.0%} of them (overall it serves {load[last, top]:.0%})")
+        print(f"{name:12s} {tokens_of_kind:4d} tokens: expert {top} in the top-{K} of {uses[top] / tokens_of_kind:4.0%} "
+              f"of them (of all tokens: {load[last, top] * K:4.0%})")
 category_figure(counts, CATEGORIES)
 
 # %% [markdown]

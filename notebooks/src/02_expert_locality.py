@@ -45,7 +45,7 @@ cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
 text = inspect.getsource(moe_colab.simulate) + inspect.getsource(moe_colab.locality)
-ids = tokenizer(text, return_tensors="pt").input_ids[0][:1024]          # at most 1024 tokens
+ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=1024).input_ids[0]   # <= 1024 tokens
 chunk = min(256, cfg.max_position_embeddings)
 trace = moe_colab.RoutingTrace.cat([moe_colab.record_routing(model, ids[i:i + chunk], tokenizer=tokenizer)
                                     for i in range(0, len(ids), chunk)])

@@ -43,7 +43,8 @@ cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
 text = inspect.getsource(moe_colab.simulate.simulate_cache)
-ids = tokenizer(text, return_tensors="pt").input_ids[0][:min(256, cfg.max_position_embeddings)]
+n = min(256, cfg.max_position_embeddings)
+ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=n).input_ids[0]    # <= n tokens
 trace = moe_colab.record_routing(model, ids, tokenizer=tokenizer)
 print(trace)
 
