@@ -49,7 +49,7 @@ class OffloadConfig:
 
     experts_on_device: int = 4   # LRU slots per layer (the paper: 4 of 8 on a T4, 2 on 12 GB)
     prefetch: int = 2            # experts of layer l+1 loaded speculatively while layer l runs
-    guess_from: str = "before"   # which hidden state feeds the next router: see prefetch.py
+    guess_from: str = "auto"     # which hidden state feeds the next router: see prefetch.py
 
     def validate(self, num_experts: int) -> None:
         if isinstance(self.experts_on_device, bool) or not isinstance(self.experts_on_device, int):
@@ -64,5 +64,5 @@ class OffloadConfig:
             raise ValueError(
                 f"prefetch={self.prefetch} is outside 0..{num_experts} "
                 f"(this model has {num_experts} experts per layer)")
-        if self.guess_from not in ("before", "after"):
-            raise ValueError(f"guess_from must be 'before' or 'after', got {self.guess_from!r}")
+        if self.guess_from not in ("auto", "before", "after"):
+            raise ValueError(f"guess_from must be 'auto', 'before' or 'after', got {self.guess_from!r}")

@@ -75,7 +75,7 @@ def _check_device(device) -> torch.device:
 
 
 def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, prefetch=2,
-               quant=None, dtype=torch.float16, guess_from: str = "before", swap: bool | None = None,
+               quant=None, dtype=torch.float16, guess_from: str = "auto", swap: bool | None = None,
                max_context: int = 4096, progress: bool = True):
     """Load a Mixtral-architecture checkpoint with its experts offloaded.
 
@@ -84,6 +84,9 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
         the largest number that fits this machine (moe_colab.plan), which also picks swap mode
         when the host cannot hold every expert; raises PlanError before allocating if nothing fits.
     prefetch: experts of the next layer loaded speculatively (0..num_experts; 0 = off).
+    guess_from: the hidden state the next layer's router guesses from: "before" or "after" this
+        layer's experts; "auto" (measured best, docs/locality.md): "after" at layer 0, whose
+        experts change the residual stream most, "before" elsewhere (same recall, earlier copies).
     quant: None (16-bit), a preset name ("paper-2bit", "paper-3bit") or a QuantConfig.
     swap: keep each expert either on the device or on the host, never both (host memory
         (E - k + 1) / E of the experts instead of all; one extra device-to-host copy per miss).
@@ -213,8 +216,9 @@ def attach_experts(model, adapter, config, cache: ExpertCache, trunk_state: dict
     for l, layer in enumerate(layers):
         if prefetch and l + 1 < len(layers):
             nxt = layers[l + 1]
+            source = guess_from if guess_from != "auto" else ("after" if l == 0 else "before")
             adapter.moe_block(layer).speculator = Speculator(
-                l, prefetch, guess_from, cache, adapter.pre_moe_norm(layer),
+                l, prefetch, source, cache, adapter.pre_moe_norm(layer),
                 adapter.pre_moe_norm(nxt), adapter.router(adapter.moe_block(nxt)))
     model.moe_cache = cache
     model.eval()

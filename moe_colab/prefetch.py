@@ -10,7 +10,10 @@ section 3.2 and Figure 2). Two hidden states can feed the guess:
               but its copies only overlap layer l+1's attention
 
 Either way the state goes through layer l+1's own pre-MoE norm before its router, as it will
-for real. ``docs/locality.md`` measures which guesses better on the shipped model.
+for real. ``docs/locality.md`` measures which guesses better on the shipped model: "after" one
+layer ahead with 2 guesses recalls 0.886 against 0.710 for "before", but the whole gap is the
+layer 0 -> 1 guess (0.901 vs 0.378); from layer 1 on they tie (0.835/0.837, 0.916/0.920). So the
+default ("auto" in load_model) guesses "after" at layer 0 and "before" everywhere else.
 """
 from __future__ import annotations
 
