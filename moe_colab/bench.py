@@ -22,9 +22,7 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, Table 2.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -95,38 +93,6 @@ def parse_args(argv):
     return args
 
 
-def machine_info(device) -> dict:
-    import transformers
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu_count": __import__("os").cpu_count(),
-            "host_memory_bytes": bm.psutil.virtual_memory().total, "device": str(device)}
-    for mod in ("accelerate", "triton"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
-    if device.type == "cuda":
-        prop = torch.cuda.get_device_properties(device)
-        info.update(gpu=prop.name, gpu_memory_bytes=prop.total_memory, cuda=torch.version.cuda,
-                    capability=f"{prop.major}.{prop.minor}")
-        try:
-            import subprocess
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
-        except Exception:
-            info["driver"] = None
-    return info
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        for f in ("_host_emptyCache",):            # give cached pinned blocks back to the OS
-            if hasattr(torch._C, f):
-                getattr(torch._C, f)()
-
-
 def _error(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
 
@@ -138,222 +104,232 @@ def configure(model, row: str, speculators: list) -> None:
     model.moe_cache.reuse = row != "no_cache"
 
 
-def run(args) -> dict:
-    t_start = time.perf_counter()
-    deadline = t_start + 60 * args.max_minutes
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but CUDA is not available")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    torch.set_grad_enabled(False)
-    name = args.name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    results_path = Path(args.results_dir) / f"bench_{name}.json"
-    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
-    config = bench_config(args.scale, args.layers)
-    quants = ["paper-2bit", "paper-3bit"] if args.quant == "both" else [args.quant]
-    cap = int(args.device_memory_gib * GiB)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    res = {"schema": "moe_colab.bench/1", "name": name, "command": "python -m moe_colab bench " + " ".join(args.argv),
-           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(device),
-           "settings": {k: v for k, v in vars(args).items() if k != "argv"} | {
-               "dtype": str(dtype)[6:], "device_memory_cap_bytes": cap, "model": {
-                   k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                                                   "num_local_experts", "num_experts_per_tok", "vocab_size")}},
-           "quants": {}}
+class Bench:
+    """One benchmark run: shared settings, the result dict, and the time budget."""
 
-    def save():
-        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(res, indent=1))
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + 60 * args.max_minutes
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if args.device == "auto" else args.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but CUDA is not available")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.config = bench_config(args.scale, args.layers)
+        self.name = args.name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.results_path = Path(args.results_dir) / f"bench_{self.name}.json"
+        self.quants = ["paper-2bit", "paper-3bit"] if args.quant == "both" else [args.quant]
+        cap = int(args.device_memory_gib * GiB)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+        c = self.config
+        self.res = {"schema": "moe_colab.bench/1", "name": self.name,
+                    "command": "python -m moe_colab bench " + " ".join(args.argv),
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": bm.machine_info(self.device),
+                    "settings": {k: v for k, v in vars(args).items() if k != "argv"} | {
+                        "dtype": str(self.dtype)[6:], "device_memory_cap_bytes": cap, "model": {
+                            k: getattr(c, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                                       "num_local_experts", "num_experts_per_tok", "vocab_size")}},
+                    "quants": {}}
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def save(self) -> None:
+        """The raw JSON (after every row), then the reports; a report bug loses no measurement."""
+        self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_path.write_text(json.dumps(self.res, indent=1))
         try:
-            write_reports(res, Path(args.out))
-        except Exception as e:      # a report bug must not lose the measurements
-            log(f"report writing failed: {type(e).__name__}: {e}")
+            write_reports(self.res, Path(self.args.out))
+        except Exception as e:
+            self.log(f"report writing failed: {type(e).__name__}: {e}")
 
-    log(f"device {device} ({res['machine'].get('gpu', 'cpu')}), cap {args.device_memory_gib} GiB, model "
-        f"{config.num_hidden_layers} layers x {config.num_local_experts} experts, hidden {config.hidden_size}")
-    tokens_needed = max(args.prompts) + max(args.decode_tokens, args.naive_decode_tokens, args.profile_tokens)
-    replay = make_routing(args.routing, num_layers=config.num_hidden_layers, num_experts=config.num_local_experts,
-                          top_k=config.num_experts_per_tok, tokens=tokens_needed, recall=args.guess_recall,
-                          count=args.prefetch, device=device, seed=args.seed)
-    res["routing"] = {"source": args.routing, "description": replay.description if replay else
-                      "the synthetic model's own routers (random weights); guesses by the engine's speculator"}
-    if replay:
-        res["routing"].update(replay.summary(prefix=max(args.prompts)))
-    log(f"routing: {res['routing']['description']}")
-    sizes = [int(x) * bm.MiB for x in args.bandwidth_mb.split(",")]
-    expert_bytes = {q: QuantizedExpertFormat(config.hidden_size, config.intermediate_size, resolve_quant(q)).layout.nbytes
-                    for q in quants}
-    bm.bandwidth(device, [min(sizes)], pinned=True, reps=1)          # warm-up: first-call costs
-    pinned_bw = bm.bandwidth(device, sorted(set(sizes + list(expert_bytes.values()))), pinned=True)
-    pageable_bw = bm.bandwidth(device, sizes, pinned=False, reps=3)
-    res["bandwidth"] = {"pinned_GBps": {str(k): round(v, 2) for k, v in pinned_bw.items()},
-                        "pageable_GBps": {str(k): round(v, 2) for k, v in pageable_bw.items()},
-                        "kind": "host->device" if device.type == "cuda" else "host memcpy (no GPU)"}
-    log(f"bandwidth GB/s pinned {res['bandwidth']['pinned_GBps']}, pageable {res['bandwidth']['pageable_GBps']}")
-    gen = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(3, config.vocab_size, (1, P), generator=gen).to(device) for P in args.prompts]
-    save()
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        a, c, dev = self.args, self.config, self.device
+        torch.set_grad_enabled(False)
+        self.log(f"device {dev} ({self.res['machine'].get('gpu', 'cpu')}), cap {a.device_memory_gib} GiB, "
+                 f"{c.num_hidden_layers} layers x {c.num_local_experts} experts, hidden {c.hidden_size}")
+        tokens = max(a.prompts) + max(a.decode_tokens, a.naive_decode_tokens, a.profile_tokens)
+        self.replay = make_routing(a.routing, num_layers=c.num_hidden_layers, num_experts=c.num_local_experts,
+                                   top_k=c.num_experts_per_tok, tokens=tokens, recall=a.guess_recall,
+                                   count=a.prefetch, device=dev, seed=a.seed)
+        rt = self.res["routing"] = {"source": a.routing, "description": self.replay.description if self.replay else
+                                    "the synthetic model's own routers (random weights); guesses by the engine's "
+                                    "speculator"}
+        if self.replay:
+            rt.update(self.replay.summary(prefix=max(a.prompts)))
+        self.log(f"routing: {rt['description']}")
+        self.expert_bytes = {q: QuantizedExpertFormat(c.hidden_size, c.intermediate_size, resolve_quant(q)).layout.nbytes
+                             for q in self.quants}
+        sizes = [int(x) * bm.MiB for x in a.bandwidth_mb.split(",")]
+        bm.bandwidth(dev, [min(sizes)], pinned=True, reps=1)          # warm-up: first-call costs
+        self.pinned_bw = bm.bandwidth(dev, sorted(set(sizes + list(self.expert_bytes.values()))), pinned=True)
+        self.pageable_bw = bm.bandwidth(dev, sizes, pinned=False, reps=3)
+        self.res["bandwidth"] = {"pinned_GBps": {str(k): round(v, 2) for k, v in self.pinned_bw.items()},
+                                 "pageable_GBps": {str(k): round(v, 2) for k, v in self.pageable_bw.items()},
+                                 "kind": "host->device" if dev.type == "cuda" else "host memcpy (no GPU)"}
+        self.log(f"bandwidth GB/s pinned {self.res['bandwidth']['pinned_GBps']}, pageable "
+                 f"{self.res['bandwidth']['pageable_GBps']}")
+        gen = torch.Generator().manual_seed(a.seed)
+        self.prompts = [torch.randint(3, c.vocab_size, (1, P), generator=gen).to(dev) for P in a.prompts]
+        self.save()
+        for i, qname in enumerate(self.quants):
+            slot = max(0.0, self.deadline - time.perf_counter()) / (len(self.quants) - i)
+            self.run_quant(qname, slot)
+        self.res["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.save()
+        self.log(f"wrote {self.results_path} and {Path(a.out) / 'benchmarks.md'}")
+        return self.res
 
-    for qi, qname in enumerate(quants):
+    def run_quant(self, qname: str, slot: float) -> None:
+        a, dev = self.args, self.device
         qcfg = resolve_quant(qname)
-        slot = max(0.0, deadline - time.perf_counter()) / (len(quants) - qi)
-        q = res["quants"][qname] = {"describe": qcfg.describe(), "expert_bytes": expert_bytes[qname], "rows": {}}
-        bw_expert = pinned_bw[expert_bytes[qname]] * 1e9
-        bw_naive = (statistics.median(pinned_bw.values()) if args.naive_pinned else
-                    statistics.median(pageable_bw.values())) * 1e9
-        store = model = None
-        if any(r in OFFLOAD_ROWS for r in args.rows) or args.profile:
+        q = self.res["quants"][qname] = {"describe": qcfg.describe(), "expert_bytes": self.expert_bytes[qname],
+                                         "rows": {}}
+        store = None
+        if any(r in OFFLOAD_ROWS for r in a.rows) or a.profile:
             with bm.PeakRSS() as rss:
                 try:
                     t = time.perf_counter()
-                    store = make_store(config, qcfg, device, dtype, args.seed,
-                                       progress=lambda l: l % 8 == 7 and log(f"  {qname}: {l + 1} layers of experts filled"))
-                    model = build_offloaded(config, qcfg, store, device=device, dtype=dtype,
-                                            experts_on_device=args.experts_on_device, prefetch=args.prefetch, seed=args.seed)
-                    q["build_s"] = round(time.perf_counter() - t, 1)
-                    q["pinned_bytes_requested"] = store.host_bytes if device.type == "cuda" else 0
-                    log(f"{qname}: built in {q['build_s']} s, experts {store.host_bytes / GiB:.2f} GiB on the host, "
-                        f"{model.moe_cache.device_bytes / GiB:.2f} GiB of device slots")
+                    store = make_store(self.config, qcfg, dev, self.dtype, a.seed, progress=lambda l: l % 8 == 7
+                                       and self.log(f"  {qname}: {l + 1} layers of experts filled"))
+                    q["pinned_bytes_requested"] = store.host_bytes if dev.type == "cuda" else 0
+                    self.offload_rows(q, qname, qcfg, store, slot, t)
                 except Exception as e:
                     q["build_error"] = _error(e)
-                    log(f"{qname}: build FAILED: {q['build_error']['error']}")
-                if model is not None:
-                    speculators = [b.speculator for b in moe_blocks(model)]
-                    if replay:
-                        replay.install(model)
-
-                    def reset():
-                        model.moe_cache.clear()
-                        if replay:
-                            replay.reset()
-                    for row in [r for r in OFFLOAD_ROWS if r in args.rows]:
-                        q["rows"][row] = _row(row, model, prompts, args, device, deadline, slot, log, bw_expert,
-                                              stats_fn=model.offload_stats, reset_fn=reset,
-                                              setup=lambda r=row: configure(model, r, speculators))
-                        save()
-                    if args.profile:
-                        try:
-                            configure(model, "full", speculators)
-                            trace = Path(args.results_dir) / f"profile_{name}_{qname}.json" if args.profile_trace else None
-                            q["profile"] = bm.profile_decode(model, prompts[0], args.profile_tokens, device=device,
-                                                             stats_fn=model.offload_stats, reset_fn=reset, trace_path=trace)
-                            log(f"{qname}: profile per token {q['profile']['counts_per_token']}")
-                        except Exception as e:
-                            q["profile"] = _error(e)
-                    if device.type == "cuda":
-                        q["host_memory_stats"] = {k: v for k, v in torch.cuda.host_memory_stats().items()
-                                                  if "bytes" in k} if hasattr(torch.cuda, "host_memory_stats") else None
+                    self.log(f"{qname}: FAILED: {q['build_error']['error']}")
+                q["host_memory_stats"] = bm.host_memory_stats() if dev.type == "cuda" else None
             q["host_peak_rss_bytes"] = rss.peak
-            model = speculators = reset = None      # the device slots go with them
-            _free(device)
-        if "naive" in args.rows:
+            bm.release(dev)
+        if "naive" in a.rows:
             with bm.PeakRSS() as rss:
                 try:
                     if store is None:
-                        store = make_store(config, qcfg, device, dtype, args.seed)
-                    q["rows"]["naive"] = _naive_row(config, qcfg, store, prompts, args, device, dtype, deadline,
-                                                    slot, log, bw_naive, replay)
+                        store = make_store(self.config, qcfg, dev, self.dtype, a.seed)
+                    q["rows"]["naive"] = self.naive_row(qcfg, store, slot)
                 except Exception as e:
                     q["rows"]["naive"] = _error(e)
-                    log(f"{qname} naive: FAILED: {q['rows']['naive']['error']}")
+                    self.log(f"  naive: FAILED: {q['rows']['naive']['error']}")
             q["naive_peak_rss_bytes"] = rss.peak
         store = None
-        _free(device)
-        _compare_tokens(q["rows"])
-        save()
-    res["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save()
-    log(f"wrote {results_path} and {Path(args.out) / 'benchmarks.md'}")
-    return res
+        bm.release(dev)
+        bm.compare_tokens(q["rows"])
+        self.save()
 
-
-def _compare_tokens(rows: dict) -> None:
-    """Share of each row's generated tokens equal to the full row's (same prompt, common length):
-    every row computes the same model on the same routing, so 1.0 is expected."""
-    ref = rows.get("full", {}).get("tokens")
-    for r in rows.values():
-        if not ref or "tokens" not in r:
-            continue
-        same = total = 0
-        for p, toks in r["tokens"].items():
-            if p in ref:
-                n = min(len(toks), len(ref[p]))
-                same += sum(a == b for a, b in zip(toks[:n], ref[p][:n]))
-                total += n
-        r["same_tokens_as_full"] = same / total if total else None
-
-
-def _row(row, model, prompts, args, device, deadline, slot, log, bw, *, stats_fn, reset_fn, setup,
-         n_new=None, runs=None, warmup_prompts=None) -> dict:
-    """One row, guarded: an error is recorded and printed, and the run goes on."""
-    now = time.perf_counter()
-    if now > deadline:
-        log(f"  {row}: skipped (time budget)")
-        return {"skipped": "time budget"}
-    log(f"  {row}:")
-    share = ROW_SHARE[row] * slot
-    try:
-        setup()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        r = bm.measure_row(model, prompts, n_new or args.decode_tokens, runs or args.runs, device=device,
-                           stats_fn=stats_fn, reset_fn=reset_fn, row_deadline=now + share,
-                           hard_deadline=min(deadline, now + 2 * share), warmup_prompts=warmup_prompts,
-                           log=log)
-    except Exception as e:
-        out = _error(e)
-        log(f"  {row}: FAILED: {out['error']}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return out
-    r["bandwidth_GBps"] = bw / 1e9
-    r["bound_tokens_per_s"] = bw / r["bytes_per_token"] if r["bytes_per_token"] else None
-    r["measured_over_bound"] = (r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
-                                if r["bound_tokens_per_s"] and r["decode_tokens_per_s"] else None)
-    if device.type == "cuda":
-        r["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    hr = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
-    log(f"  {row}: decode {r['decode_tokens_per_s']:.2f} tok/s, hit ratio {hr}, "
-        f"{(r['bytes_per_token'] or 0) / 1e6:.1f} MB/token, bound {r['bound_tokens_per_s'] or 0:.2f} tok/s")
-    return r
-
-
-def _naive_row(config, qcfg, store, prompts, args, device, dtype, deadline, slot, log, bw, replay) -> dict:
-    from .bench_naive import build_naive, bytes_moved
-
-    budget = int((args.device_memory_gib - args.naive_reserve_gib) * GiB if args.naive_device_gib is None
-                 else args.naive_device_gib * GiB)
-    with tempfile.TemporaryDirectory(prefix="moe_colab_naive_") as offload_dir:
-        if device.type == "cpu":    # no device memory: bench_naive keeps 3/4 of the model in RAM
-            budget = None
-        t = time.perf_counter()
-        model, info = build_naive(config, qcfg, store, device=device, dtype=dtype, seed=args.seed,
-                                  max_device_bytes=budget, pinned=args.naive_pinned, offload_dir=offload_dir)
-        log(f"  naive: dispatched in {time.perf_counter() - t:.1f} s, {len(info['offloaded_modules'])} modules "
-            f"offloaded to {info['offload_tier']} ({info['offloaded_bytes_per_forward'] / GiB:.2f} GiB per forward)")
+    def offload_rows(self, q: dict, qname: str, qcfg, store, slot: float, t_build: float) -> None:
+        """full, no_prefetch, no_cache on ONE engine model (switched by configure), then the profile."""
+        a, dev, replay = self.args, self.device, self.replay
+        model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype,
+                                experts_on_device=a.experts_on_device, prefetch=a.prefetch, seed=a.seed)
+        q["build_s"] = round(time.perf_counter() - t_build, 1)
+        self.log(f"  built in {q['build_s']} s: experts {store.host_bytes / GiB:.2f} GiB on the host, "
+                 f"{model.moe_cache.device_bytes / GiB:.2f} GiB of device slots")
+        speculators = [b.speculator for b in moe_blocks(model)]
         if replay:
             replay.install(model)
-        stats = lambda: {"bytes_to_device": bytes_moved(info)}  # noqa: E731
-        reset = replay.reset if replay else (lambda: None)
-        r = _row("naive", model, prompts, args, device, deadline, slot, log, bw, stats_fn=stats, reset_fn=reset,
-                 setup=lambda: None, n_new=args.naive_decode_tokens, runs=args.naive_runs, warmup_prompts=1)
-        r.update({k: v for k, v in info.items() if k != "calls"})
-        del model
-        _free(device)
-    return r
+
+        def reset():
+            model.moe_cache.clear()
+            if replay:
+                replay.reset()
+        for row in [r for r in OFFLOAD_ROWS if r in a.rows]:
+            q["rows"][row] = self.row(row, model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
+                                      stats_fn=model.offload_stats, reset_fn=reset,
+                                      setup=lambda r=row: configure(model, r, speculators))
+            self.save()
+        if a.profile:
+            try:
+                configure(model, "full", speculators)
+                q["profile"] = self.profile(model, qname, reset)
+            except Exception as e:
+                q["profile"] = _error(e)
+                self.log(f"  profile: FAILED: {q['profile']['error']}")
+
+    def profile(self, model, qname: str, reset) -> dict:
+        a = self.args
+        trace = Path(a.results_dir) / f"profile_{self.name}_{qname}.json" if a.profile_trace else None
+        prof = bm.profile_decode(model, self.prompts[0], a.profile_tokens, device=self.device,
+                                 stats_fn=model.offload_stats, reset_fn=reset, trace_path=trace)
+        text = Path(a.results_dir) / f"profile_{self.name}_{qname}.txt"
+        bm.write_profile_text(text, prof, f"{self.res['command']}\n{qname}, full row")
+        self.log(f"  profile per token: {prof['counts_per_token']} -> {text}")
+        return prof
+
+    def naive_row(self, qcfg, store, slot: float) -> dict:
+        from .bench_naive import build_naive, bytes_moved
+
+        a, dev, replay = self.args, self.device, self.replay
+        if dev.type == "cpu":       # no device memory: bench_naive keeps 3/4 of the model in RAM
+            budget = None
+        elif a.naive_device_gib is not None:
+            budget = int(a.naive_device_gib * GiB)
+        else:
+            budget = int((a.device_memory_gib - a.naive_reserve_gib) * GiB)
+        bw = statistics.median((self.pinned_bw if a.naive_pinned else self.pageable_bw).values()) * 1e9
+        with tempfile.TemporaryDirectory(prefix="moe_colab_naive_") as offload_dir:
+            t = time.perf_counter()
+            model, info = build_naive(self.config, qcfg, store, device=dev, dtype=self.dtype, seed=a.seed,
+                                      max_device_bytes=budget, pinned=a.naive_pinned, offload_dir=offload_dir)
+            self.log(f"  naive: dispatched in {time.perf_counter() - t:.1f} s, {len(info['offloaded_modules'])} "
+                     f"modules offloaded to {info['offload_tier']} ({info['offloaded_bytes_per_forward'] / GiB:.2f} "
+                     f"GiB per forward)")
+            if replay:
+                replay.install(model)
+            r = self.row("naive", model, slot, bw, stats_fn=lambda: {"bytes_to_device": bytes_moved(info)},
+                         reset_fn=replay.reset if replay else (lambda: None), setup=lambda: None,
+                         n_new=a.naive_decode_tokens, runs=a.naive_runs, warmup_prompts=1)
+            r.update({k: v for k, v in info.items() if k != "calls"})
+            del model
+        return r
+
+    def row(self, row, model, slot, bw, *, stats_fn, reset_fn, setup, n_new=None, runs=None,
+            warmup_prompts=None) -> dict:
+        """One row, guarded: an error is recorded and printed, and the run goes on."""
+        a, dev = self.args, self.device
+        now = time.perf_counter()
+        if now > self.deadline:
+            self.log(f"  {row}: skipped (time budget)")
+            return {"skipped": "time budget"}
+        self.log(f"  {row}:")
+        share = ROW_SHARE[row] * slot
+        try:
+            setup()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            r = bm.measure_row(model, self.prompts, n_new or a.decode_tokens, runs or a.runs, device=dev,
+                               stats_fn=stats_fn, reset_fn=reset_fn, row_deadline=now + share,
+                               hard_deadline=min(self.deadline, now + 2 * share), stop_at=self.deadline,
+                               warmup_prompts=warmup_prompts, log=self.log)
+        except Exception as e:
+            out = _error(e)
+            self.log(f"  {row}: FAILED: {out['error']}")
+            bm.release(dev)
+            return out
+        r["bandwidth_GBps"] = bw / 1e9
+        r["bound_tokens_per_s"] = bw / r["bytes_per_token"] if r["bytes_per_token"] else None
+        r["measured_over_bound"] = (r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
+                                    if r["bound_tokens_per_s"] and r["decode_tokens_per_s"] else None)
+        if dev.type == "cuda":
+            r["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+        hr = "-" if r["hit_ratio"] is None else f"{r['hit_ratio']:.3f}"
+        self.log(f"  {row}: decode {r['decode_tokens_per_s']:.2f} tok/s, hit ratio {hr}, "
+                 f"{(r['bytes_per_token'] or 0) / 1e6:.1f} MB/token, bound {r['bound_tokens_per_s'] or 0:.2f} tok/s")
+        return r
 
 
 def main(argv=None) -> int:
+    """``python -m moe_colab bench ARGS``: 0 if every row ran, 1 if some failed, 2 for bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
     try:
-        res = run(args)
+        res = Bench(args).run()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,12 @@ Definitions (docs/benchmarks.md repeats them):
 """
 from __future__ import annotations
 
+import gc
 import inspect
+import os
+import platform
 import statistics
+import subprocess
 import threading
 import time
 from contextlib import nullcontext
@@ -28,6 +32,46 @@ import psutil
 import torch
 
 MiB = 1 << 20
+
+
+def machine_info(device) -> dict:
+    """Versions and hardware, for the report."""
+    import transformers
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+            "host_memory_bytes": psutil.virtual_memory().total, "device": str(device)}
+    for mod in ("accelerate", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if torch.device(device).type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        info.update(gpu=prop.name, gpu_memory_bytes=prop.total_memory, cuda=torch.version.cuda,
+                    capability=f"{prop.major}.{prop.minor}")
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
+        except Exception:
+            info["driver"] = None
+    return info
+
+
+def release(device) -> None:
+    """Give freed device memory, and torch's cached pinned host blocks, back."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+
+
+def host_memory_stats() -> dict | None:
+    """torch's pinned (host) allocator counters in bytes, where this torch has them."""
+    try:
+        return {k: v for k, v in torch.cuda.host_memory_stats().items() if "bytes" in k}
+    except Exception:
+        return None
 
 
 def sync(device) -> None:
@@ -135,17 +179,20 @@ def _ratio(a, b):
 
 
 def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn, reset_fn,
-                row_deadline: float, hard_deadline: float, warmup_prompts: int | None = None,
+                row_deadline: float, hard_deadline: float, stop_at: float, warmup_prompts: int | None = None,
                 log=print) -> dict:
-    """Warm-up, then ``runs`` rounds over every prompt (rounds after the first only before
-    ``row_deadline``). Each run starts from an empty expert cache and a rewound routing."""
+    """Warm-up (one decoded token), then ``runs`` rounds over every prompt. Each run starts from an
+    empty expert cache and a rewound routing. Time limits: the first round always runs (unless
+    ``stop_at`` has passed), later rounds only before ``row_deadline``; a decode loop stops
+    adding tokens after ``hard_deadline``."""
     for ids in prompts[:warmup_prompts]:
         reset_fn()
-        timed_run(model, ids, 2, device=device, stats_fn=stats_fn)
+        timed_run(model, ids, 1, device=device, stats_fn=stats_fn)
     records = []
     for r in range(runs):
         for ids in prompts:
-            if (r and time.perf_counter() > row_deadline) or time.perf_counter() > hard_deadline:
+            now = time.perf_counter()
+            if now > stop_at or (r and now > row_deadline):
                 continue
             reset_fn()
             rec = timed_run(model, ids, n_new, device=device, stats_fn=stats_fn, deadline=hard_deadline)
@@ -213,3 +260,26 @@ def profile_decode(model, ids, n_tokens: int, *, device, stats_fn, reset_fn, tra
             "device_compute_ms_per_token": kernels / 1e3 / n if cuda else None,
             "counts_per_token": {k: round(v / n, 2) for k, v in sorted(counts.items())},
             "table": table}
+
+
+def write_profile_text(path, prof: dict, title: str) -> None:
+    path.write_text(f"{title}, {prof['tokens']} decoded tokens\n"
+                    f"wall ms/token {prof['wall_ms_per_token']:.2f}, host->device copy ms/token "
+                    f"{prof['htod_copy_ms_per_token']}, device kernel ms/token {prof['device_compute_ms_per_token']}\n"
+                    f"counts per token:\n" + "\n".join(f"  {k}: {v}" for k, v in prof["counts_per_token"].items())
+                    + f"\n\n{prof['table']}\n")
+
+
+def compare_tokens(rows: dict) -> None:
+    """Share of each row's generated tokens equal to the full row's (same prompt, common length):
+    every row computes the same model on the same routing, so 1.0 is expected."""
+    ref = rows.get("full", {}).get("tokens")
+    for r in rows.values():
+        if not ref or "tokens" not in r:
+            continue
+        same = total = 0
+        for p, toks in r["tokens"].items():
+            n = min(len(toks), len(ref.get(p, [])))
+            same += sum(a == b for a, b in zip(toks[:n], ref[p][:n])) if n else 0
+            total += n
+        r["same_tokens_as_full"] = same / total if total else None

@@ -22,7 +22,6 @@ from torch import nn
 
 from .adapters.mixtral import MixtralAdapter
 from .bench_synthetic import synthetic_trunk_state
-from .model import build_trunk
 from .quant.format import attach_quant_linears_
 
 

@@ -20,6 +20,7 @@ follows moe_colab.model.load_model: build_trunk -> ExpertStore (copy mode) + Qua
 """
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 
@@ -28,7 +29,7 @@ import torch
 from .adapters.mixtral import MixtralAdapter
 from .cache import ExpertCache
 from .config import mixtral_config
-from .model import attach_experts, build_trunk
+from .model import attach_experts, build_trunk, load_model
 from .quant.format import QuantLinear, QuantizedExpertFormat, attach_quant_linears_
 from .storage import ExpertStore
 
@@ -142,11 +143,13 @@ def make_store(config, qcfg, device, dtype, seed: int, progress=None) -> ExpertS
 
 
 def build_offloaded(config, qcfg, store: ExpertStore, *, device, dtype, experts_on_device: int,
-                    prefetch: int, seed: int = 0, guess_from: str = "before"):
+                    prefetch: int, seed: int = 0, guess_from: str | None = None):
     """The engine's model (OffloadedMoE blocks, an ExpertCache over ``store``) with synthetic
     trunk weights: what moe_colab.model.load_model assembles, without a checkpoint."""
     adapter = MixtralAdapter()
     device = torch.device(device)
+    if guess_from is None:      # whatever load_model uses by default
+        guess_from = inspect.signature(load_model).parameters["guess_from"].default
     model = build_trunk(adapter, config, dtype)                     # meta device
     attach_quant_linears_(model, qcfg, device="meta")
     state = synthetic_trunk_state(model, seed, device, dtype)
