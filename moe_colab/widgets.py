@@ -97,7 +97,7 @@ def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
     for l in range(L):
         for t in range(T):
             choice[l, t] = ", ".join(f"e{e} {w:.2f}" for e, w in zip(experts[l, t], weights[l, t]))
-    text = np.array([html.escape(s) for s in labels], dtype=object)
+    text = np.array([html.escape(s, quote=False) for s in labels], dtype=object)
     custom = np.stack([np.broadcast_to(text, (L, T)), choice], axis=-1)   # [L, T, 2]
     fig = go.Figure(go.Heatmap(
         z=experts[:, :, 0], x=list(range(T)), y=list(range(L)), customdata=custom,
@@ -107,7 +107,7 @@ def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
                       "%{customdata[1]}<extra></extra>"))
     fig.update_layout(
         title=title or f"Top-1 expert of each token at each layer ({L} layers, {E} experts, top-{K})",
-        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
+        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=list(text), tickangle=-60),
         yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
         width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
     return fig
@@ -157,7 +157,7 @@ def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = 
     L, T, K = experts.shape
     misses = K - events.hit_counts                           # [L, T] in 0..K
     labels = token_labels(trace, tokens)
-    text = np.array([html.escape(s) for s in labels], dtype=object)
+    text = np.array([html.escape(s, quote=False) for s in labels], dtype=object)
     custom = np.stack([np.broadcast_to(text, (L, T)), events.describe(experts)], axis=-1)
     scale = [[0, HIT_MISS_COLOURS[0]], [0.5, HIT_MISS_COLOURS[1]], [1, HIT_MISS_COLOURS[2]]]
     fig = go.Figure(go.Heatmap(
@@ -166,7 +166,7 @@ def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = 
         hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>%{customdata[1]}<extra></extra>"))
     fig.update_layout(
         title=title or events.title(),
-        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60),
+        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=list(text), tickangle=-60),
         yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
         width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
     return fig

@@ -201,6 +201,6 @@ def _save_docs_screenshot(page) -> None:
     out.mkdir(parents=True, exist_ok=True)
     page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
     page.wait_for_timeout(1000)
-    page.locator(".moe-routing-heatmap").first.scroll_into_view_if_needed()
+    page.locator(".moe-routing-heatmap").first.evaluate("e => e.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(500)
     page.screenshot(path=str(out / "notebook01.png"))

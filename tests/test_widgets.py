@@ -74,7 +74,8 @@ def test_routing_figure_shows_top1_and_hover_has_all_experts():
     fig = W.routing_figure(trace)
     hm = fig.data[0]
     assert np.array_equal(np.asarray(hm.z), trace.experts[:, :, 0].numpy())
-    assert list(fig.layout.xaxis.ticktext) == [f"tok{i}<" for i in range(trace.num_tokens)]
+    # Plotly reads tick labels as HTML ("<s>", a BOS token, would strike through): escaped.
+    assert list(fig.layout.xaxis.ticktext) == [f"tok{i}&lt;" for i in range(trace.num_tokens)]
     l, t = 2, 7
     token, choice = hm.customdata[l][t]
     assert token == "tok7&lt;"                              # escaped for plotly's hover HTML
