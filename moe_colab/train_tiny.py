@@ -42,10 +42,12 @@ SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pyd
 SETTINGS = {
     "full": dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, seq_len=256, batch_size=8,
-                 steps=600, warmup=30, lr=2e-3, eval_every=50, eval_tokens=8192, max_files=None),
+                 steps=1000, warmup=50, lr=2e-3, eval_every=100, eval_tokens=8192, final_eval_tokens=10 ** 9,
+                 max_files=None),
     "tiny-test": dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, seq_len=32, batch_size=2,
-                      steps=3, warmup=1, lr=1e-3, eval_every=2, eval_tokens=256, max_files=12),
+                      steps=3, warmup=1, lr=1e-3, eval_every=2, eval_tokens=256, final_eval_tokens=1024,
+                      max_files=12),
 }
 
 
@@ -128,7 +130,7 @@ def heldout_probe(tokenizer, texts: list[str], n_files: int = 4, tokens: int = 1
 
 
 # -- model and data ------------------------------------------------------------------------------
-def model_config(s: dict):
+def model_config(s: dict, aux_coef: float, jitter: float):
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -136,7 +138,7 @@ def model_config(s: dict):
         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
         num_key_value_heads=s["num_key_value_heads"], num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=s["seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
-        router_aux_loss_coef=0.02, tie_word_embeddings=False,  # 0.02: strong enough that no expert starves
+        router_aux_loss_coef=aux_coef, router_jitter_noise=jitter, tie_word_embeddings=False,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
@@ -176,10 +178,35 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, max_tokens: int) -> floa
     return loss_on_rows(model, rows)
 
 
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss, per layer, averaged over layers; 1.0 when balanced.
+
+    transformers' own aux_loss pools the counts of all layers before multiplying, so expert 7 of a
+    layer that sends it every token is "balanced" by expert 7 of a layer that never does; in our
+    runs that let most layers collapse onto 2-3 experts. Each layer is balanced on its own here.
+    """
+    losses = []
+    for logits in router_logits:                                    # [tokens, E] per layer
+        probs = logits.float().softmax(-1)
+        chosen = probs.topk(top_k, dim=-1).indices                  # [tokens, k]
+        share = F.one_hot(chosen, probs.shape[-1]).float().mean(dim=(0, 1))   # [E], sums to 1
+        losses.append(probs.shape[-1] * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def spread_rows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
+    """[n, T] windows spread evenly over a stream (many files, not just the first)."""
+    starts = torch.linspace(0, len(stream) - seq_len, n).long().tolist()
+    return torch.stack([stream[s:s + seq_len] for s in starts]).long()
+
+
 @torch.no_grad()
 def expert_load(model, input_ids: torch.Tensor) -> list[list[float]]:
     """Per layer, the fraction of top-k assignments each expert receives on these tokens."""
+    was_training = model.training
+    model.eval()                                                    # no router jitter
     out = model(input_ids=input_ids, output_router_logits=True)
+    model.train(was_training)
     k, e = model.config.num_experts_per_tok, model.config.num_local_experts
     loads = []
     for logits in out.router_logits:                                # [tokens, E] per layer
@@ -199,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the setting's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--aux-coef", type=float, default=0.05, help="per-layer load-balancing loss weight")
+    ap.add_argument("--router-jitter", type=float, default=0.0, help="multiplicative noise on router inputs")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the build machine is shared)")
     ap.add_argument("--max-minutes", type=float, default=30.0, help="stop training cleanly after this long")
     ap.add_argument("--checkpoint-every", type=int, default=100)
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"tokens: {len(train_stream):,} train / {len(heldout_stream):,} held-out, "
           f"{sum(map(len, train_texts)) / len(train_stream):.2f} characters per token")
 
-    config = model_config(s)
+    config = model_config(s, args.aux_coef, args.router_jitter)
     model = MixtralForCausalLM(config)                      # float32 master weights for training
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
@@ -258,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.train()
     coef, T = config.router_aux_loss_coef, s["seq_len"]
-    window_loss, window_n, stopped_early = 0.0, 0, False
+    window_loss, window_balance, window_n, stopped_early = 0.0, 0.0, 0, False
     bar = tqdm(total=s["steps"], initial=step, desc="train tiny", unit="step")
     t_loop = time.time() - elapsed                           # wall clock of step 0, resumes included
     while step < s["steps"]:
@@ -271,28 +300,35 @@ def main(argv: list[str] | None = None) -> dict:
         xy = batch_at(train_stream, step, s["batch_size"], T, args.seed)          # [B, T+1]
         out = model(input_ids=xy[:, :-1], output_router_logits=True)
         lm_loss = F.cross_entropy(out.logits.flatten(0, 1), xy[:, 1:].flatten())
-        (lm_loss + coef * out.aux_loss).backward()
+        balance = balance_loss(out.router_logits, config.num_experts_per_tok)
+        (lm_loss + coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.time() - t_loop
         window_loss, window_n = window_loss + lm_loss.item(), window_n + 1
+        window_balance += balance.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{lm_loss.item():.3f}", aux=f"{out.aux_loss.item():.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{lm_loss.item():.3f}", balance=f"{balance.item():.3f}", lr=f"{lr:.1e}")
         if step % s["eval_every"] == 0 or step == s["steps"]:
             history["train"].append({"step": step, "loss": window_loss / window_n,
-                                     "minutes": round(elapsed / 60, 2)})
-            window_loss, window_n = 0.0, 0
+                                     "balance": window_balance / window_n, "minutes": round(elapsed / 60, 2)})
+            window_loss, window_balance, window_n = 0.0, 0.0, 0
             h = evaluate(model, heldout_stream, T, s["eval_tokens"])
-            history["heldout"].append({"step": step, "loss": h, "perplexity": math.exp(h)})
+            load = torch.tensor(expert_load(model, spread_rows(heldout_stream, T, 8)))      # [layers, E]
+            history["heldout"].append({"step": step, "loss": h, "perplexity": math.exp(h),
+                                       "max_expert_share": load.max().item(),
+                                       "unused_experts": int((load < 0.005).sum())})
             bar.write(f"step {step}: train loss {history['train'][-1]['loss']:.3f}, "
-                      f"held-out loss {h:.3f} (perplexity {math.exp(h):.1f})")
+                      f"held-out loss {h:.3f} (perplexity {math.exp(h):.1f}), busiest expert "
+                      f"{load.max():.2f} of assignments, {int((load < 0.005).sum())} unused")
         if step % args.checkpoint_every == 0:
             save_state()
     bar.close()
     if window_n:                                              # a partial last window (time limit)
-        history["train"].append({"step": step, "loss": window_loss / window_n, "minutes": round(elapsed / 60, 2)})
+        history["train"].append({"step": step, "loss": window_loss / window_n,
+                                 "balance": window_balance / window_n, "minutes": round(elapsed / 60, 2)})
     save_state()
 
     # Ship float16 weights, then measure what ships: reload it as a user would, in float32.
@@ -303,17 +339,17 @@ def main(argv: list[str] | None = None) -> dict:
     hf_tokenizer(tok, T).save_pretrained(out_dir)
     shipped = MixtralForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     shipped_tok = AutoTokenizer.from_pretrained(out_dir)
-    heldout_loss = evaluate(shipped, heldout_stream, T, 10 ** 9)
+    heldout_loss = evaluate(shipped, heldout_stream, T, s["final_eval_tokens"])
     probe = heldout_probe(shipped_tok, heldout_texts)
     probe_loss = loss_on_rows(shipped, probe) if len(probe) else None
-    loads = expert_load(shipped, heldout_stream[: 4 * T].long().view(4, T))
+    loads = expert_load(shipped, spread_rows(heldout_stream, T, 32))
     for layer, load in enumerate(loads):
         print(f"layer {layer} expert load: " + " ".join(f"{x:.2f}" for x in load))
 
     metrics = {
         "python": platform.python_version(), "stdlib": str(root), "seed": args.seed,
         "setting": "tiny-test" if args.tiny_test else "full", "config": {**s, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "router_aux_loss_coef": coef},
+        "num_experts_per_tok": 2, "router_aux_loss_coef": coef, "router_jitter_noise": args.router_jitter},
         "files": {"train": len(train_texts), "heldout": len(heldout_texts),
                   "heldout_paths": [p.relative_to(root).as_posix() for p in heldout_files]},
         "tokens": {"train": len(train_stream), "heldout": len(heldout_stream),
