@@ -42,9 +42,10 @@ from .quant.config import resolve_quant
 from .quant.format import QuantizedExpertFormat
 
 OFFLOAD_ROWS = ("full", "no_prefetch", "no_cache")
-ROWS = OFFLOAD_ROWS + ("naive",)
+ROWS = OFFLOAD_ROWS + ("naive",)                 # the default rows
+EXTRA_ROWS = ("full_swap",)                      # on request: full, in the engine's swap mode
 # Share of a quant's time slot each row may take before it stops adding runs.
-ROW_SHARE = {"full": 0.2, "no_prefetch": 0.2, "no_cache": 0.28, "naive": 0.25, "profile": 0.07}
+ROW_SHARE = {"full": 0.2, "no_prefetch": 0.2, "no_cache": 0.28, "naive": 0.25, "full_swap": 0.2}
 GiB = 1 << 30
 
 
@@ -70,7 +71,7 @@ def parse_args(argv):
     a("--experts-on-device", type=int, default=4)
     a("--prefetch", type=int, default=2)
     a("--device-memory-gib", type=float, default=15.0, help="device memory cap for the process (T4: 15)")
-    a("--rows", default=",".join(ROWS))
+    a("--rows", default=",".join(ROWS), help=f"comma separated, from {ROWS + EXTRA_ROWS}")
     a("--quick", action="store_true", help="1 run, 32 decoded tokens (naive: 4)")
     a("--profile", action="store_true", help="profile the full row's decode loop (torch.profiler)")
     a("--profile-tokens", type=int, default=16)
@@ -87,9 +88,9 @@ def parse_args(argv):
         args.profile_tokens = min(args.profile_tokens, 8)
     args.prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in args.rows if r not in ROWS]
+    bad = [r for r in args.rows if r not in ROWS + EXTRA_ROWS]
     if bad or not args.prompts or min(args.prompts) < 1 or args.decode_tokens < 1:
-        p.error(f"bad --rows {bad} (choose from {ROWS}) or --prompts/--decode-tokens")
+        p.error(f"bad --rows {bad} (choose from {ROWS + EXTRA_ROWS}) or --prompts/--decode-tokens")
     return args
 
 
@@ -219,6 +220,15 @@ class Bench:
             q["naive_peak_rss_bytes"] = rss.peak
         store = None
         bm.release(dev)
+        if "full_swap" in a.rows:
+            with bm.PeakRSS() as rss:
+                try:
+                    q["rows"]["full_swap"] = self.swap_row(qname, qcfg, slot)
+                except Exception as e:
+                    q["rows"]["full_swap"] = _error(e)
+                    self.log(f"  full_swap: FAILED: {q['rows']['full_swap']['error']}")
+            q["swap_peak_rss_bytes"] = rss.peak
+            bm.release(dev)
         bm.compare_tokens(q["rows"])
         self.save()
 
@@ -286,6 +296,23 @@ class Bench:
                          n_new=a.naive_decode_tokens, runs=a.naive_runs, warmup_prompts=1)
             r.update({k: v for k, v in info.items() if k != "calls"})
             del model
+        return r
+
+    def swap_row(self, qname: str, qcfg, slot: float) -> dict:
+        """The full algorithm in the engine's swap mode (each expert on the device OR the host:
+        what a 12.7 GB Colab needs). Its cache cannot be emptied, so runs start warm."""
+        a, dev, replay = self.args, self.device, self.replay
+        k = a.experts_on_device
+        store = make_store(self.config, qcfg, dev, self.dtype, a.seed, device_first=k)
+        model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype, experts_on_device=k,
+                                prefetch=a.prefetch, seed=a.seed)
+        self.log(f"  full_swap: experts {store.host_bytes / GiB:.2f} GiB on the host (swap mode)")
+        if replay:
+            replay.install(model)
+        r = self.row("full_swap", model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
+                     stats_fn=model.offload_stats, reset_fn=replay.reset if replay else (lambda: None),
+                     setup=lambda: None)
+        r["host_expert_bytes"] = store.host_bytes
         return r
 
     def row(self, row, model, slot, bw, *, stats_fn, reset_fn, setup, n_new=None, runs=None,

@@ -13,7 +13,8 @@ Definitions (docs/benchmarks.md repeats them):
     hit ratio          hits / (hits + misses) over the decode phase
     prefetch recall    prefetch_hits / (hits + misses): the share of expert uses served by a copy
                        that a speculative prefetch had brought (it was not resident before)
-    bytes per token    bytes copied host -> device during decode / decoded tokens
+    bytes per token    bytes copied during decode / decoded tokens: host -> device, plus
+                       device -> host in swap mode (one copy stream carries both)
     transfer bound     bandwidth / bytes per token: the speed if copies were the only cost
 """
 from __future__ import annotations
@@ -222,7 +223,8 @@ def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn
         "per_prompt": per_prompt,
         "hit_ratio": _ratio(totals.get("hits", 0), uses) if uses else None,
         "prefetch_recall": _ratio(totals.get("prefetch_hits", 0), uses) if uses else None,
-        "bytes_per_token": _ratio(totals.get("bytes_to_device", 0), decoded),
+        "bytes_per_token": _ratio(totals.get("bytes_to_device", 0) + totals.get("bytes_to_host", 0), decoded),
+        "bytes_to_host_per_token": _ratio(totals.get("bytes_to_host", 0), decoded),
         "decode_counters": totals, "decoded_tokens": decoded, "truncated_runs": sum(r["decoded"] < n_new for r in records),
         "tokens": {str(r["prompt"]): r["tokens"] for r in records},
     }

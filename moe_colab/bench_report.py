@@ -12,7 +12,9 @@ from xml.sax.saxutils import escape
 T4_GBPS = 12.0           # a T4's pinned host->device rate in practice (PCIe 3.0 x16)
 COLAB_RAM = 12.7e9       # free Colab's host memory, bytes
 ROW_NAMES = {"full": "Full algorithm (LRU + prefetch)", "no_prefetch": "W/o expert pre-loading",
-             "no_cache": "W/o LRU cache & pre-loading", "naive": "Naive offloading (accelerate)"}
+             "no_cache": "W/o LRU cache & pre-loading", "naive": "Naive offloading (accelerate)",
+             "full_swap": "Full algorithm, swap mode (host RAM for Colab)"}
+PAPER_ROWS = ("full", "no_prefetch", "no_cache", "naive")
 # Table 2 of the paper: {row: {(bits, gpu): tokens/s}}
 PAPER_TABLE2 = {
     "full": {(2, "A100"): 3.061, (2, "RTX3080M"): 2.655, (2, "RTX3060"): 2.278, (2, "T4"): 2.092,
@@ -24,7 +26,8 @@ PAPER_TABLE2 = {
     "naive": {(2, "A100"): 1.392, (2, "RTX3080M"): 1.059, (2, "RTX3060"): 0.919, (2, "T4"): 0.661,
               (3, "A100"): 1.246, (3, "RTX3080M"): 0.914, (3, "RTX3060"): 1.791, (3, "T4"): 0.580},
 }
-COLORS = {"full": "#2b6cb0", "no_prefetch": "#4fa3e0", "no_cache": "#a0c4e8", "naive": "#d9822b"}
+COLORS = {"full": "#2b6cb0", "no_prefetch": "#4fa3e0", "no_cache": "#a0c4e8", "naive": "#d9822b",
+          "full_swap": "#38a169"}
 
 
 def _f(x, fmt="{:.2f}", none="-"):
@@ -39,7 +42,7 @@ def t4_estimate(row: dict):
 
 def targets(q: dict) -> dict:
     rows = q.get("rows", {})
-    tps = {r: rows.get(r, {}).get("decode_tokens_per_s") for r in ROW_NAMES}
+    tps = {r: rows.get(r, {}).get("decode_tokens_per_s") for r in PAPER_ROWS}
     out = {}
     if tps["full"] and tps["naive"]:
         out["full_over_naive"] = {"value": tps["full"] / tps["naive"], "target": ">= 5", "met": tps["full"] >= 5 * tps["naive"]}
@@ -59,8 +62,9 @@ def svg_chart(res: dict) -> str:
     vals = [v for _, rows in groups for r in rows.values() if isinstance(r, dict)
             for v in (r.get("decode_tokens_per_s"), r.get("bound_tokens_per_s")) if v]
     top = max(vals) * 1.15 if vals else 1.0
-    W, H, left, bottom, bw = 760, 380, 60, 300, 34
-    gw = 4 * (bw + 10) + 40
+    shown = [r for r in ROW_NAMES if any(r in rows for _, rows in groups)]
+    W, H, left, bottom, bw = 120 + len(groups) * (len(shown) * 44 + 40), 380, 60, 300, 34
+    gw = len(shown) * (bw + 10) + 40
     s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
          f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">Decode tokens/s (filled) and transfer bound '
          f'(outline): {escape(res.get("machine", {}).get("gpu", res.get("machine", {}).get("device", "")))}</text>',
@@ -74,7 +78,7 @@ def svg_chart(res: dict) -> str:
     for g, (qn, rows) in enumerate(groups):
         x0 = left + 20 + g * gw
         s.append(f'<text x="{x0 + gw / 2 - 20}" y="{bottom + 34}" text-anchor="middle" font-size="13">{escape(qn)}</text>')
-        for i, r in enumerate(ROW_NAMES):
+        for i, r in enumerate(shown):
             row = rows.get(r, {})
             x = x0 + i * (bw + 10)
             s.append(f'<text x="{x + bw / 2}" y="{bottom + 14}" text-anchor="middle">{r.replace("_", " ")}</text>')
@@ -143,6 +147,11 @@ def markdown(res: dict) -> str:
             L += ["", f"Naive: accelerate offloaded {len(nv['offloaded_modules'])} modules to {nv.get('offload_tier')} "
                   f"({nv.get('offloaded_bytes_per_forward', 0) / 1e9:.2f} GB moved per forward; offloaded weights "
                   f"{'pinned' if nv.get('offloaded_experts_pinned') else 'pageable'})."]
+        if q.get("swap_peak_rss_bytes") and "full_swap" in q.get("rows", {}):
+            rss = q["swap_peak_rss_bytes"]
+            L += ["", f"Swap mode: {q['rows']['full_swap'].get('host_expert_bytes', 0) / 1e9:.1f} GB of experts on the "
+                  f"host, peak resident {rss / 1e9:.1f} GB ({'within' if rss <= COLAB_RAM else 'ABOVE'} Colab's "
+                  f"{COLAB_RAM / 1e9} GB); its runs start from a warm cache (swap mode cannot empty it)."]
         if q.get("host_peak_rss_bytes"):
             rss = q["host_peak_rss_bytes"]
             L += ["", f"Host memory: peak resident {rss / 1e9:.1f} GB while building and running the offloaded model "
@@ -170,8 +179,8 @@ def markdown(res: dict) -> str:
           f"on {m.get('gpu', m.get('device'))} capped at {st.get('device_memory_gib')} GiB.", "",
           "| algorithm | paper 2-bit A100 | paper 2-bit T4 | ours 2-bit | ours 2-bit T4 est. | paper 3-bit A100 "
           "| paper 3-bit T4 | ours 3-bit | ours 3-bit T4 est. |", "|---|---|---|---|---|---|---|---|---|"]
-    for r, label in ROW_NAMES.items():
-        cells = []
+    for r in PAPER_ROWS:
+        label, cells = ROW_NAMES[r], []
         for bits, qn in ((2, "paper-2bit"), (3, "paper-3bit")):
             row = res.get("quants", {}).get(qn, {}).get("rows", {}).get(r, {})
             cells += [f"{PAPER_TABLE2[r][(bits, 'A100')]}", f"{PAPER_TABLE2[r][(bits, 'T4')]}",

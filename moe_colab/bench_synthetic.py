@@ -84,22 +84,34 @@ def fill_quant_(tensors: dict[str, torch.Tensor], bits: int, in_features: int, g
             raise KeyError(f"unexpected quantized tensor name {name!r}")
 
 
-def fill_store_(store: ExpertStore, seed: int, device, progress=None) -> None:
-    """Fill every expert buffer of ``store`` in the QuantizedExpertFormat layout."""
-    fmt: QuantizedExpertFormat = store.format
-    device = torch.device(device)
+def layer_experts(fmt: QuantizedExpertFormat, num_experts: int, layer: int, seed: int, device,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [experts, nbytes]: one layer's synthetic experts in ``fmt``'s layout (into ``out``)."""
+    buf = torch.zeros(num_experts, fmt.layout.nbytes, dtype=torch.uint8, device=device) if out is None else out.zero_()
     in_features = {"w1": fmt.hidden, "w3": fmt.hidden, "w2": fmt.intermediate}
+    for name in fmt.names:
+        cols = {s.name.split(".", 1)[1]: buf[:, s.offset:s.offset + s.nbytes].view(s.dtype)
+                for s in fmt.layout.specs if s.name.startswith(name + ".")}       # [E, numel] each
+        fill_quant_(cols, fmt.bits, in_features[name], generator(seed, f"experts.{layer}.{name}", device))
+    return buf
+
+
+def fill_store_(store: ExpertStore, seed: int, device, progress=None, cache: ExpertCache | None = None) -> None:
+    """Fill every expert of ``store``: generated on ``device`` (fast on a GPU), then copied to the
+    host rows; in swap mode through ``cache.write_packed`` (some experts start in device slots)."""
+    device = torch.device(device)
     for layer in range(store.num_layers):
-        host = store.buffers[layer]                                      # [E, nbytes]
-        buf = torch.zeros_like(host, device=device) if device.type == "cuda" else host.zero_()
-        for name in fmt.names:
-            cols = {s.name.split(".", 1)[1]: buf[:, s.offset:s.offset + s.nbytes].view(s.dtype)
-                    for s in fmt.layout.specs if s.name.startswith(name + ".")}   # [E, numel] each
-            fill_quant_(cols, fmt.bits, in_features[name], generator(seed, f"experts.{layer}.{name}", device))
-        if buf is not host:
-            host.copy_(buf)
-        for e in range(store.num_experts):
-            store.written[layer][e].update(("w1", "w2", "w3"))
+        host = store.buffers[layer]                                      # [rows, nbytes]
+        in_place = cache is None and device.type == "cpu"
+        buf = layer_experts(store.format, store.num_experts, layer, seed, device, out=host if in_place else None)
+        if cache is not None:
+            for e in range(store.num_experts):
+                cache.write_packed(layer, e, buf[e])
+        else:
+            if not in_place:
+                host.copy_(buf)
+            for e in range(store.num_experts):
+                store.written[layer][e].update(("w1", "w2", "w3"))
         if progress is not None:
             progress(layer)
 
@@ -131,29 +143,36 @@ def synthetic_trunk_state(model, seed: int, device, dtype) -> dict[str, torch.Te
     return state
 
 
-def make_store(config, qcfg, device, dtype, seed: int, progress=None) -> ExpertStore:
+def make_store(config, qcfg, device, dtype, seed: int, progress=None, device_first: int = 0,
+               fill: bool = True) -> ExpertStore:
+    """An ExpertStore of synthetic experts (copy mode; swap mode with ``device_first`` = k, then
+    filled by build_offloaded through its cache)."""
     adapter = MixtralAdapter()
     qcfg.validate_for(config)
     fmt = QuantizedExpertFormat(config.hidden_size, config.intermediate_size, qcfg, dtype,
                                 adapter.activation(config))
     store = ExpertStore(config.num_hidden_layers, config.num_local_experts, fmt,
-                        pin=torch.device(device).type == "cuda")
-    fill_store_(store, seed, device, progress)
+                        pin=torch.device(device).type == "cuda", device_first=device_first)
+    if fill and not device_first:
+        fill_store_(store, seed, device, progress)
     return store
 
 
 def build_offloaded(config, qcfg, store: ExpertStore, *, device, dtype, experts_on_device: int,
-                    prefetch: int, seed: int = 0, guess_from: str | None = None):
+                    prefetch: int, seed: int = 0, guess_from: str | None = None, progress=None):
     """The engine's model (OffloadedMoE blocks, an ExpertCache over ``store``) with synthetic
-    trunk weights: what moe_colab.model.load_model assembles, without a checkpoint."""
+    trunk weights: what moe_colab.model.load_model assembles, without a checkpoint. A swap-mode
+    store is filled here, through the cache (its first experts live in device slots)."""
     adapter = MixtralAdapter()
     device = torch.device(device)
     if guess_from is None:      # whatever load_model uses by default
         guess_from = inspect.signature(load_model).parameters["guess_from"].default
     model = build_trunk(adapter, config, dtype)                     # meta device
     attach_quant_linears_(model, qcfg, device="meta")
-    state = synthetic_trunk_state(model, seed, device, dtype)
     cache = ExpertCache(store, experts_on_device, device)
+    if store.swap:
+        fill_store_(store, seed, device, progress, cache=cache)
+    state = synthetic_trunk_state(model, seed, device, dtype)
     model = attach_experts(model, adapter, config, cache, state, device=device, prefetch=prefetch,
                            guess_from=guess_from)
     del state

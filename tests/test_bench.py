@@ -215,3 +215,19 @@ def test_gpu_small_scale(tmp_path):
     assert rc == 0, {k: v.get("error") for k, v in rows.items()}
     assert rows["naive"]["offload_tier"] == "cpu"
     assert rows["no_cache"]["bytes_per_token"] > rows["full"]["bytes_per_token"] * 0.9
+
+
+def test_swap_row_on_cpu(tmp_path):
+    """The engine's swap mode: fewer host rows, copies both ways, the same tokens as full."""
+    rc = bench.main(TINY + ["--quant", "paper-2bit", "--rows", "full,full_swap", "--out", str(tmp_path / "d"),
+                            "--results-dir", str(tmp_path / "b"), "--name", "s"])
+    assert rc == 0
+    q = json.loads((tmp_path / "b" / "bench_s.json").read_text())["quants"]["paper-2bit"]
+    sw, cfg = q["rows"]["full_swap"], bench_config("tiny")
+    E, k = cfg.num_local_experts, 4
+    assert sw["host_expert_bytes"] == cfg.num_hidden_layers * (E - k + 1) * q["expert_bytes"]
+    assert sw["same_tokens_as_full"] == 1.0
+    assert sw["bytes_to_host_per_token"] > 0
+    assert sw["bytes_per_token"] == pytest.approx(
+        (sw["decode_counters"]["bytes_to_device"] + sw["decode_counters"]["bytes_to_host"]) / sw["decoded_tokens"])
+    assert "swap mode" in (tmp_path / "d" / "benchmarks.md").read_text()
