@@ -1,6 +1,6 @@
 """The model card (README.md) of the built-in ``tiny`` model, written from its training metrics.
 
-    python -m moe_colab.tiny_card docs/tiny_training.json moe_colab/models/tiny/README.md
+    python -m moe_colab.tiny_card docs/tiny_training.json moe_colab/models/tiny docs/tiny_model.md
 
 ``train_tiny.py`` calls ``write_model_card`` at the end of a run, so every figure in the card is
 the one the run measured. Format: Hugging Face model cards (YAML front matter, then Markdown).
@@ -15,12 +15,14 @@ from pathlib import Path
 def loss_table(metrics: dict) -> str:
     """Markdown table of the loss curve: train loss (mean since the previous row) and held-out loss."""
     heldout = {h["step"]: h for h in metrics["history"]["heldout"]}
-    lines = ["| step | minutes | train loss | held-out loss | held-out perplexity |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = ["| step | minutes | train loss | balance loss | held-out loss | held-out perplexity | busiest expert |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for t in metrics["history"]["train"]:
         h = heldout.get(t["step"])
-        held = f"{h['loss']:.3f} | {h['perplexity']:.1f}" if h else "- | -"
-        lines.append(f"| {t['step']} | {t['minutes']:.1f} | {t['loss']:.3f} | {held} |")
+        held = f"{h['loss']:.3f} | {h['perplexity']:.1f} | {h.get('max_expert_share', float('nan')):.2f}" \
+            if h else "- | - | -"
+        balance = t.get("balance", float("nan"))
+        lines.append(f"| {t['step']} | {t['minutes']:.1f} | {t['loss']:.3f} | {balance:.3f} | {held} |")
     return "\n".join(lines)
 
 
@@ -76,7 +78,10 @@ size {c['intermediate_size']}, {c['num_local_experts']} experts with top-{c['num
 ## Training
 AdamW (betas 0.9/0.95, weight decay 0.1, gradient clipping 1.0), peak learning rate {c['lr']},
 {c['warmup']} warmup steps then cosine decay to 10%, batch {c['batch_size']} x {c['seq_len']} tokens
-of random windows from the train stream; load-balancing loss coefficient {c['router_aux_loss_coef']}.
+of random windows from the train stream. Load balancing: Switch Transformer's loss computed for
+each layer on its own and averaged (1.0 = perfectly balanced), weight {c['router_aux_loss_coef']};
+transformers' built-in `aux_loss` pools all layers' counts, which let most layers collapse onto
+two or three experts in a first run.
 Seed {m['seed']}; {m['steps']} steps{stop}, {m['tokens_seen']:,} tokens seen, {m['train_minutes']:.1f} min of
 training ({m['total_minutes']:.1f} min in all, tokenizer included) on one CPU thread.
 
@@ -88,11 +93,14 @@ training ({m['total_minutes']:.1f} min in all, tokenizer included) on one CPU th
 | held-out perplexity | {m['heldout_perplexity']:.1f} |
 | uniform predictor, log(vocab) | {m['uniform_loss']:.3f} |
 
-Loss curve (held-out loss on the first {c['eval_tokens']:,} held-out tokens during training):
+Loss curve: train loss and balance loss are means since the previous row; held-out loss on the
+first {c['eval_tokens']:,} held-out tokens; busiest expert = the largest share of top-2 assignments
+any expert of any layer gets (0.125 is perfect balance, 0.5 means every token picks it).
 
 {loss_table(m)}
 
-Expert load on held-out tokens (share of top-2 assignments):
+Expert load of the shipped model on 32 windows spread over the held-out split (share of top-2
+assignments; 0.125 each would be perfect balance):
 
 {expert_load_table(m)}
 
@@ -115,6 +123,22 @@ standard library, so the figures will move a little.
 """
 
 
+def docs_page(metrics: dict) -> str:
+    """docs/tiny_model.md: the card's figures, for readers of the repository rather than the Hub."""
+    body = model_card(metrics).split("---\n", 2)[2]            # drop the YAML front matter
+    body = body.replace("# tiny: a small Mixtral", "# The built-in model `tiny`: a small Mixtral", 1)
+    return body + f"""
+## How the tests hold it to these figures
+`tests/test_tiny_model.py` loads the shipped directory with plain transformers, checks that the
+tokenizer round-trips Python source, recomputes the loss on a fixed probe (the first
+{metrics['heldout_probe']['tokens']} tokens of {metrics['heldout_probe']['files']} held-out files; recorded
+here as {metrics['heldout_probe']['loss']:.3f}) and compares it with `docs/tiny_training.json`, checks that
+greedy generation from `def ` looks like Python and that every layer routes to more than two
+experts, and runs the training script end to end in a toy setting (`--tiny-test`).
+The metrics of this run, loss curve included, are in `docs/tiny_training.json`.
+"""
+
+
 def write_model_card(out_dir: Path, metrics: dict) -> Path:
     path = Path(out_dir) / "README.md"
     path.write_text(model_card(metrics))
@@ -122,6 +146,9 @@ def write_model_card(out_dir: Path, metrics: dict) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m moe_colab.tiny_card METRICS.json OUT/README.md")
-    Path(sys.argv[2]).write_text(model_card(json.loads(Path(sys.argv[1]).read_text())))
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python -m moe_colab.tiny_card METRICS.json MODEL_DIR [DOCS.md]")
+    metrics = json.loads(Path(sys.argv[1]).read_text())
+    write_model_card(Path(sys.argv[2]), metrics)
+    if len(sys.argv) == 4:
+        Path(sys.argv[3]).write_text(docs_page(metrics))
