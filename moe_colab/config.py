@@ -19,6 +19,13 @@ MODEL_PRESETS: dict[str, dict] = {
         num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
         rope_theta=1e6, tie_word_embeddings=False,
     ),
+    # The built-in model moe_colab/models/tiny (train_tiny.py): 9.1M parameters, trained on the stdlib.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=1e4, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    ),
     # A few-layer random model for unit tests: every code path, milliseconds per token.
     "debug": dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
