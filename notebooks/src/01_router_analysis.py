@@ -74,9 +74,9 @@ from moe_colab.prefetch_recall import layer_states
 _, states = layer_states(model, ids)          # states["before"][l]: [T, H], what layer l's router sees
 for l, layer in enumerate(model.model.layers):
     h = layer.post_attention_layernorm(states["before"][l])        # [T, H]
-    logits = h @ layer.mlp.gate.weight.T                         # [T, E]
-    probs = logits.float().softmax(dim=-1)                       # [T, E]
-    w, e = probs.topk(K, dim=-1)                                 # [T, K], best first
+    logits = torch.nn.functional.linear(h, layer.mlp.gate.weight)   # h @ W_gate.T: [T, E]
+    probs = logits.float().softmax(dim=-1)                          # [T, E]
+    w, e = probs.topk(K, dim=-1)                                    # [T, K], best first
     w = w / w.sum(dim=-1, keepdim=True)
     assert torch.equal(e.cpu(), trace.experts[l]), f"layer {l}: the hand-made router disagrees"
     assert torch.allclose(w.cpu(), trace.weights[l], atol=1e-3), f"layer {l}: weights disagree"

@@ -64,7 +64,8 @@ layers = model.model.layers
 for l in range(L - 1):
     nxt = layers[l + 1]
     h = nxt.post_attention_layernorm(states["before"][l])           # the NEXT layer's norm
-    probs = (h @ nxt.mlp.gate.weight.T).float().softmax(dim=-1)     # the NEXT layer's router, [T, E]
+    logits = torch.nn.functional.linear(h, nxt.mlp.gate.weight)    # the NEXT layer's router: h @ W.T
+    probs = logits.float().softmax(dim=-1)                          # [T, E]
     guess = probs.topk(p, dim=-1).indices                           # [T, p]
     assert torch.equal(guess.cpu(), library[l + 1]), f"layer {l + 1}: the hand-made guess disagrees"
 print(f"the hand-made guess matches guess_experts for layers 1..{L - 1}")
