@@ -56,41 +56,49 @@ def targets(q: dict) -> dict:
     return out
 
 
+SHORT = {"full": "full", "no_prefetch": "no prefetch", "no_cache": "no cache", "naive": "naive",
+         "full_swap": "full (swap)"}
+
+
 def svg_chart(res: dict) -> str:
-    """Grouped bars: decode tokens/s per row and quant, the transfer bound as an outline."""
+    """Grouped bars: decode tokens/s per row and quant, the transfer bound as a dashed outline."""
     groups = [(qn, q.get("rows", {})) for qn, q in res.get("quants", {}).items()]
+    shown = [r for r in ROW_NAMES if any(r in rows for _, rows in groups)]
     vals = [v for _, rows in groups for r in rows.values() if isinstance(r, dict)
             for v in (r.get("decode_tokens_per_s"), r.get("bound_tokens_per_s")) if v]
-    top = max(vals) * 1.15 if vals else 1.0
-    shown = [r for r in ROW_NAMES if any(r in rows for _, rows in groups)]
-    W, H, left, bottom, bw = 120 + len(groups) * (len(shown) * 44 + 40), 380, 60, 300, 34
-    gw = len(shown) * (bw + 10) + 40
-    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-         f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">Decode tokens/s (filled) and transfer bound '
-         f'(outline): {escape(res.get("machine", {}).get("gpu", res.get("machine", {}).get("device", "")))}</text>',
-         f'<line x1="{left}" y1="{bottom}" x2="{W - 10}" y2="{bottom}" stroke="black"/>']
+    top = max(vals) * 1.12 if vals else 1.0
+    pitch, bw, gap, left, bottom, plot_top = 70, 46, 50, 64, 300, 44
+    gw = len(shown) * pitch
+    W, H = left + len(groups) * (gw + gap) + 20, 372
+    m = res.get("machine", {})
+    y = lambda v: bottom - (bottom - plot_top) * v / top  # noqa: E731
+    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+         f'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<text x="{left}" y="18" font-size="14">Decode tokens/s, batch 1: {escape(str(m.get("gpu", m.get("device", ""))))}'
+         f'</text><text x="{left}" y="34" fill="#555">filled: measured; dashed outline: transfer bound '
+         f'(bandwidth / bytes per token)</text>']
     for i in range(6):
         v = top * i / 5
-        y = bottom - (bottom - 40) * i / 5
-        s.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{W - 10}" y2="{y:.1f}" stroke="#ddd"/>'
-                 f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.1f}</text>')
-    scale = (bottom - 40) / top
+        s.append(f'<line x1="{left - 4}" y1="{y(v):.1f}" x2="{W - 10}" y2="{y(v):.1f}" stroke="#e2e2e2"/>'
+                 f'<text x="{left - 7}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    s.append(f'<line x1="{left}" y1="{bottom}" x2="{W - 10}" y2="{bottom}" stroke="black"/>')
     for g, (qn, rows) in enumerate(groups):
-        x0 = left + 20 + g * gw
-        s.append(f'<text x="{x0 + gw / 2 - 20}" y="{bottom + 34}" text-anchor="middle" font-size="13">{escape(qn)}</text>')
+        x0 = left + gap / 2 + g * (gw + gap)
+        s.append(f'<text x="{x0 + gw / 2:.1f}" y="{bottom + 42}" text-anchor="middle" font-size="13" '
+                 f'font-weight="bold">{escape(qn)}</text>')
         for i, r in enumerate(shown):
-            row = rows.get(r, {})
-            x = x0 + i * (bw + 10)
-            s.append(f'<text x="{x + bw / 2}" y="{bottom + 14}" text-anchor="middle">{r.replace("_", " ")}</text>')
+            row, x = rows.get(r, {}), x0 + i * pitch + (pitch - bw) / 2
+            cx = x + bw / 2
+            s.append(f'<text x="{cx:.1f}" y="{bottom + 16}" text-anchor="middle" font-size="10">{SHORT[r]}</text>')
             v, b = row.get("decode_tokens_per_s"), row.get("bound_tokens_per_s")
-            if b:
-                s.append(f'<rect x="{x - 3}" y="{bottom - b * scale:.1f}" width="{bw + 6}" height="{b * scale:.1f}" '
-                         f'fill="none" stroke="#555" stroke-dasharray="4,2"/>')
             if v:
-                s.append(f'<rect x="{x}" y="{bottom - v * scale:.1f}" width="{bw}" height="{v * scale:.1f}" fill="{COLORS[r]}"/>'
-                         f'<text x="{x + bw / 2}" y="{bottom - v * scale - 4:.1f}" text-anchor="middle">{v:.2f}</text>')
+                s.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw}" height="{bottom - y(v):.1f}" fill="{COLORS[r]}"/>'
+                         f'<text x="{cx:.1f}" y="{y(v) - 4:.1f}" text-anchor="middle">{v:.3g}</text>')
             elif row:
-                s.append(f'<text x="{x + bw / 2}" y="{bottom - 6}" text-anchor="middle" fill="red">n/a</text>')
+                s.append(f'<text x="{cx:.1f}" y="{bottom - 6}" text-anchor="middle" fill="#c00">n/a</text>')
+            if b:
+                s.append(f'<rect x="{x - 3:.1f}" y="{y(b):.1f}" width="{bw + 6}" height="{bottom - y(b):.1f}" '
+                         f'fill="none" stroke="#333" stroke-dasharray="4,3"/>')
     s.append("</svg>")
     return "\n".join(s)
 
@@ -156,9 +164,7 @@ def markdown(res: dict) -> str:
             rss = q["host_peak_rss_bytes"]
             L += ["", f"Host memory: peak resident {rss / 1e9:.1f} GB while building and running the offloaded model "
                   f"({'within' if rss <= COLAB_RAM else 'ABOVE'} free Colab's {COLAB_RAM / 1e9} GB); pinned expert "
-                  f"storage requested {q.get('pinned_bytes_requested', 0) / 1e9:.1f} GB"
-                  + (f"; torch's pinned allocator reports {q['host_memory_stats'].get('reserved_bytes.current', q['host_memory_stats'].get('allocated_bytes.current', 0)) / 1e9:.1f} GB"
-                     if q.get("host_memory_stats") else "") + "."]
+                  f"storage {q.get('pinned_bytes_requested', 0) / 1e9:.1f} GB."]
         prof = q.get("profile")
         if prof and "counts_per_token" in prof:
             L += ["", f"Profile of the full row ({prof['tokens']} decoded tokens): {prof['wall_ms_per_token']:.1f} ms per "
