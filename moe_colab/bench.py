@@ -171,8 +171,8 @@ class Bench:
         bm.bandwidth(dev, [min(sizes)], pinned=True, reps=1)          # warm-up: first-call costs
         self.pinned_bw = bm.bandwidth(dev, sorted(set(sizes + list(self.expert_bytes.values()))), pinned=True)
         self.pageable_bw = bm.bandwidth(dev, sizes, pinned=False, reps=3)
-        self.res["bandwidth"] = {"pinned_GBps": {str(k): round(v, 2) for k, v in self.pinned_bw.items()},
-                                 "pageable_GBps": {str(k): round(v, 2) for k, v in self.pageable_bw.items()},
+        self.res["bandwidth"] = {"pinned_GBps": {str(k): round(v, 3) for k, v in self.pinned_bw.items()},
+                                 "pageable_GBps": {str(k): round(v, 3) for k, v in self.pageable_bw.items()},
                                  "kind": "host->device" if dev.type == "cuda" else "host memcpy (no GPU)"}
         self.log(f"bandwidth GB/s pinned {self.res['bandwidth']['pinned_GBps']}, pageable "
                  f"{self.res['bandwidth']['pageable_GBps']}")

@@ -34,6 +34,10 @@ def _f(x, fmt="{:.2f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
+def _sizes(d: dict) -> str:
+    return ", ".join(f"{int(k) / 1e6:.4g} MB: {v:.3g}" for k, v in d.items()) or "-"
+
+
 def t4_estimate(row: dict):
     """Transfer-bound tokens/s on a T4 (12 GB/s) for this row's measured bytes per token."""
     b = row.get("bytes_per_token")
@@ -126,8 +130,8 @@ def markdown(res: dict) -> str:
          f"- **Prompts**: random token ids, prefill of {', '.join(map(str, st.get('prompts', [])))} tokens, then "
          f"{st.get('decode_tokens')} decoded tokens (naive: {st.get('naive_decode_tokens')}), batch 1, greedy; "
          f"median over {st.get('runs')} run(s) per prompt (naive: {st.get('naive_runs')}).",
-         f"- **Bandwidth** ({bwd.get('kind')}, measured in this run, GB/s): pinned {bwd.get('pinned_GBps')}; "
-         f"pageable {bwd.get('pageable_GBps')} (keys: bytes per copy).", ""]
+         f"- **Bandwidth** ({bwd.get('kind')}, measured in this run, GB/s by copy size): pinned "
+         f"{_sizes(bwd.get('pinned_GBps', {}))}; pageable {_sizes(bwd.get('pageable_GBps', {}))}.", ""]
     for qn, q in res.get("quants", {}).items():
         L += [f"## {qn}: {q.get('describe', '')}", "",
               f"One expert = {q.get('expert_bytes', 0) / 1e6:.1f} MB, copied in one piece."]
@@ -147,7 +151,7 @@ def markdown(res: dict) -> str:
             pre = " / ".join(f"{_f(v['prefill_tokens_per_s'], '{:.0f}')} ({p})" for p, v in row.get("per_prompt", {}).items())
             L.append(f"| {label} | **{_f(row.get('decode_tokens_per_s'))}** | {pre} | {_f(row.get('hit_ratio'), '{:.3f}')} "
                      f"| {_f(row.get('prefetch_recall'), '{:.3f}')} | {_f((row.get('bytes_per_token') or 0) / 1e6, '{:.4g}')} "
-                     f"| {_f(row.get('bandwidth_GBps'), '{:.1f}')} | {_f(row.get('bound_tokens_per_s'), '{:.4g}')} "
+                     f"| {_f(row.get('bandwidth_GBps'), '{:.3g}')} | {_f(row.get('bound_tokens_per_s'), '{:.4g}')} "
                      f"| {_f(row.get('measured_over_bound'), '{:.3g}')} | {_f(t4_estimate(row), '{:.4g}')} "
                      f"| {_f(row.get('same_tokens_as_full'), '{:.3f}')} |")
         nv = q.get("rows", {}).get("naive", {})
@@ -174,7 +178,7 @@ def markdown(res: dict) -> str:
         tg = targets(q)
         if tg:
             L += ["", "Targets (benchmark figures, not tests): " + "; ".join(
-                f"{k} = {v['value'] if not isinstance(v['value'], float) else round(v['value'], 2)} "
+                f"{k} = {[round(x, 2) for x in v['value']] if isinstance(v['value'], list) else round(v['value'], 2)} "
                 f"(target {v['target']}: {'met' if v['met'] else 'NOT met'})" for k, v in tg.items()) + "."]
         L.append("")
     L += ["*T4 estimate = 12 GB/s / measured bytes per token: the transfer bound a T4 would have for the same "
