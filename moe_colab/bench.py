@@ -1,7 +1,7 @@
 """The GPU benchmark: Mixtral-8x7B's shapes, synthetic 2/3-bit weights, four offloading rows.
 
-    python -m moe_colab bench --quant both --out docs          # the H200 run (< 8 minutes)
-    python -m moe_colab bench --device cpu --scale tiny --quick  # the whole path on CPU, seconds
+    python -m moe_colab bench --quant both --profile          # the H200 run (< 8 minutes)
+    python -m moe_colab bench --device cpu --scale tiny --quick --prompts 8,16   # CPU, a minute
 
 Rows, measured in one process on the same prompts and the same routing (moe_colab.bench_routing):
 
@@ -10,12 +10,14 @@ Rows, measured in one process on the same prompts and the same routing (moe_cola
     no_cache     every used expert copied on use (cache.reuse = False), prefetch 0
                                                                 ("W/o LRU cache & pre-loading")
     naive        accelerate's dispatch_model offloading whole layers (bench_naive.py)
+    full_swap    (on request) full, in the engine's swap mode: the host holds E-k+1 experts
+                 per layer, what a 12.7 GB Colab needs
 
 The device is capped like a T4 (15 GiB for the process), experts_on_device defaults to the
 paper's demo (4 of 8). Each row reports decode and prefill tokens/s, cache counters, bytes
 copied per token, the host -> device bandwidth measured in this run, and the transfer bound
-(bandwidth / bytes per token). Results: benchmarks/bench_<name>.json after every row, and at the
-end docs/benchmarks.json, docs/benchmarks.md, docs/figures/benchmarks.svg (bench_report.py).
+(bandwidth / bytes per token). After every row: benchmarks/bench_<name>.json, and the reports
+docs/benchmarks.json, docs/benchmarks.md, docs/figures/benchmarks.svg (bench_report.py).
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, Table 2.
 """
@@ -218,6 +220,7 @@ class Bench:
                     q["rows"]["naive"] = _error(e)
                     self.log(f"  naive: FAILED: {q['rows']['naive']['error']}")
             q["naive_peak_rss_bytes"] = rss.peak
+            self.save()
         store = None
         bm.release(dev)
         if "full_swap" in a.rows:
