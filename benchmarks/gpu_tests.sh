@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU work in two calls of under 10 minutes on a lent GPU machine:
+#   bash benchmarks/gpu_tests.sh tests    every GPU-marked test (engine, kernels, quant, faults, soak)
+#   bash benchmarks/gpu_tests.sh bench    the kernel timing table, then the offloading benchmark
+# Logs and outputs go to $OUT (or ./gpu_out).
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
+run() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"; local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 4 "$OUT/$name.log"; echo "=== $name rc=$rc $((SECONDS - t0))s"
+}
+case "${1:-tests}" in
+tests)
+  run engine 120 python3 -m pytest -q -m gpu tests/test_engine_gpu.py
+  run kernels 120 python3 -m pytest -q -m gpu tests/test_kernels.py
+  run quant 90 python3 -m pytest -q -m gpu tests/test_quant_gpu.py
+  run faults_planner 120 python3 -m pytest -q -m gpu tests/test_faults.py tests/test_planner.py \
+    tests/test_routing.py tests/test_simulate.py tests/test_bench.py
+  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 90 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
+  ;;
+bench)
+  run kernels_bench 120 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 50
+  run bench 420 python3 -m moe_colab bench --quant both --profile --max-minutes 6 \
+    --out "$OUT" --results-dir "$OUT" --name h200
+  ;;
+esac
