@@ -168,6 +168,8 @@ def test_kernels_compile_for_t4_and_h200(cc):
         cases.append((3, 8, torch.bfloat16))        # the tensor-core path
     for bits, T, dtype in cases:
         r = check(cc, bits, T, dtype, (14336, 4096))
+        if r.get("internals_moved"):
+            pytest.skip(r["error"])
         assert r["ok"], r
         assert r["spill_bytes"] in (0, None), r
 
@@ -276,8 +278,7 @@ def gpu_mats():
         if (bits, shape) not in cache:
             g, sg = SCHEMES[bits]
             mat = poisoned(random_matrix(bits, shape, g, sg, seed=bits, device="cuda"))
-            w32 = packing.dequantize(mat, bits, g, sg, shape, torch.float32)
-            cache.clear()                            # one Mixtral matrix resident at a time
+            w32 = packing.dequantize(mat, bits, g, sg, shape, torch.float32)   # ~235 MB each
             cache[(bits, shape)] = (mat, w32)
         return cache[(bits, shape)]
     return get
@@ -334,3 +335,23 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
         y = kernels.quant_linear(x, mat, bits, g, sg, shape)
     assert kernels._fallback_reason is None
     assert rel_err(y, packing.quant_linear_torch(x, mat, bits, g, sg, shape)) < 5e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fallback_warns_once(monkeypatch):
+    """If the kernel cannot run on this GPU, quant_linear warns once and uses the torch path."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+    monkeypatch.setattr(kernels, "_fallback_reason", None)
+    monkeypatch.setattr(kernels, "quant_linear_triton", broken)
+    bits, (g, sg) = 4, SCHEMES[4]
+    mat = random_matrix(bits, (256, 512), g, sg, device="cuda")
+    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    with pytest.warns(UserWarning, match="simulated compile failure"):
+        y = kernels.quant_linear(x, mat, bits, g, sg, (256, 512))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2 = kernels.quant_linear(x, mat, bits, g, sg, (256, 512))
+    ref = packing.quant_linear_torch(x, mat, bits, g, sg, (256, 512))
+    assert torch.equal(y, ref) and torch.equal(y2, ref)

@@ -321,7 +321,10 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
         w = dequantize_triton(mat, bits, group_size, scale_group, (n, k), xc.dtype)
         y.copy_(F.linear(xc, w))
         return y.view(*lead, n)
-    acc = torch.zeros(T, n, device=x.device, dtype=torch.float32) if cfg["split_k"] > 1 else y
+    if cfg["split_k"] > 1:      # partial sums are added atomically in fp32
+        acc = torch.zeros(T, n, device=x.device, dtype=torch.float32)
+    else:                       # the kernel writes x's dtype, or fp32 for bf16 below sm_80
+        acc = y if xc.dtype == y.dtype else torch.empty(T, n, device=x.device, dtype=xc.dtype)
     grid, args, meta = _fused_launch(xc, acc, mat, bits, group_size, scale_group, (n, k), cfg)
     _fused_kernel[grid](*args, **meta)
     if acc is not y:
