@@ -116,6 +116,9 @@ class Bench:
         self.deadline = self.t0 + 60 * args.max_minutes
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if args.device == "auto" else args.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Some torch.cuda calls (set_per_process_memory_fraction) insist on an index.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but CUDA is not available")
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
