@@ -293,7 +293,10 @@ def _gpu_check(gpu_mats, bits, shape, T, dtype, path="auto", **kw):
     torch.cuda.synchronize()
     assert y.dtype == dtype and not torch.isnan(y).any()
     exact = x.float() @ w32.T                                       # fp32 oracle
-    assert rel_err(y, exact) < {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    # fused paths accumulate in fp32 (error: the output rounding); dequant rounds W, then cuBLAS
+    fused = path != "dequant" and T <= kernels.MAX_FUSED_T
+    tol = {torch.float16: 2e-3 if fused else 5e-3, torch.bfloat16: 1e-2 if fused else 2e-2}[dtype]
+    assert rel_err(y, exact) < tol
     ref = packing.quant_linear_torch(x, mat, bits, g, sg, shape)    # the torch path, same dtype
     assert rel_err(y, ref) < {torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
 

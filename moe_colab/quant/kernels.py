@@ -2,20 +2,23 @@
 
 Decoding multiplies a handful of token rows (T = 1..16) by each expert matrix, so the time is
 the time to READ the matrix: the kernel reads 2-4 bit codes and 8-bit scales/zeros once and
-never writes the 16-bit matrix out (GEMV / split-K style):
+never writes a 16-bit matrix out (GEMV / split-K style):
 
     program (n-block, k-split): rows offs_n [BLOCK_N] of W, groups [g0, g1) of every plane
       for each group of one plane (G packed columns):
         codes [BLOCK_N, G] uint8 -> for each plane p (shifts only, planar layout):
-          q [BLOCK_N, G] integer codes of inputs p*K/P + columns
-          s, z [BLOCK_N]  = meta-dequantized scale and zero of that group (8-bit codes inline)
-          acc[t, n] += s * (sum_k x[t, k] * q[n, k] - z * sum_k x[t, k])      (fp32)
+          q [BLOCK_N, G]   integer codes of inputs p*K/P + columns
+          s, z [BLOCK_N]   meta-dequantized scale and zero of that group (8-bit codes inline)
+          "fma":  w = q*s - z*s (one FMA per weight); acc[t, n, k] += x[t, k] * w[n, k]   (fp32)
+          "dot":  acc[t, n] += s * (x @ q.T - z * sum_k x)    (tensor cores on exact integer codes)
+    split-K programs add their fp32 partial sums atomically.
 
-Factoring the group's (q - z) * s out of the sum leaves one FMA per weight and tap: the "fma"
-path (any GPU, T4 included: it is a broadcast-multiply + sum, no tensor cores) or, on sm_80+
-with fp16/bf16 inputs, tl.dot on the integer codes (the "dot" path; Triton >= 3.3 has no tensor
-core dot below sm_80, so the T4 never takes it). Above T = 16 (prefill) the matrix is
-dequantized once by a Triton kernel and multiplied by cuBLAS ("dequant" path).
+"fma" runs on any GPU (T4 included: no tensor cores, no bf16 math; T = 1 is a plain 2-D GEMV
+whose partial sums stay in the codes' register layout; T = 2..16 add a token axis). "dot" needs
+sm_80+ and fp16/bf16 x (Triton >= 3.3 lowers tl.dot to FMAs below sm_80, so the T4 never takes
+it); x is padded to 16 rows. Above T = 16 (prefill) the matrix is dequantized once by a Triton
+kernel and multiplied by cuBLAS ("dequant"). Register use of every launch is checked for sm_75
+and sm_90 without a GPU by benchmarks/kernels_compile.py.
 
 `quant_linear` dispatches: Triton on CUDA; the torch reference (packing.quant_linear_torch) on
 CPU or when Triton is missing or fails to compile (warned once). The kernels run on CPU tensors
@@ -67,7 +70,9 @@ if triton is not None:
         row_b = qb_ptr + offs_n[:, None] * stride_qb
         if USE_DOT:
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        else:  # per-lane partial sums, reduced once after the loop
+        elif BLOCK_T == 1:  # decode: plain GEMV, per-lane partial sums reduced after the loop
+            acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        else:
             acc3 = tl.zeros((BLOCK_T, BLOCK_N, G), dtype=tl.float32)
         g_begin = pid_k * groups_per_split
         for gi in range(g_begin, g_begin + groups_per_split):
@@ -88,8 +93,6 @@ if triton is not None:
                         lo = (cb >> (2 * (p // 2))) & 3
                     q = lo | (((c1 >> p) & 1) << 2)
                 xk = p * plane + col                              # [G] input index
-                xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + xk[None, :] * stride_xk,
-                             mask=mask_t[:, None], other=0.0)     # [BT, G]
                 flat = offs_n * ng + (p * ngp + gi)               # [BN] index into S, Z
                 m = flat // SG                                    # its meta-group
                 s = (tl.load(sq_ptr + flat, mask=mask_n, other=0).to(tl.float32)
@@ -99,15 +102,25 @@ if triton is not None:
                      - tl.load(zz_ptr + m, mask=mask_n, other=0).to(tl.float32)) \
                     * tl.load(zs_ptr + m, mask=mask_n, other=0).to(tl.float32)
                 if USE_DOT:  # integer codes are exact in fp16/bf16: dot first, then (q - z) * s
+                    xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + xk[None, :] * stride_xk,
+                                 mask=mask_t[:, None], other=0.0)   # [BT, G]
                     # (via fp32: Triton's CPU interpreter turns uint8 -> bf16 into zeros)
                     d = tl.dot(xv, tl.trans(q.to(tl.float32).to(xv.dtype)))   # [BT, BN] fp32
                     xs = tl.sum(xv.to(tl.float32), axis=1)        # [BT]
                     acc += s[None, :] * (d - z[None, :] * xs[:, None])
                 else:  # w = (q - z) * s as one FMA, then one FMA per token row
                     w = q.to(tl.float32) * s[:, None] - (s * z)[:, None]            # [BN, G]
-                    acc3 += xv.to(tl.float32)[:, None, :] * w[None, :, :]
+                    if BLOCK_T == 1:  # 2-D: stays in the codes' register layout
+                        acc2 += w * tl.load(x_ptr + xk * stride_xk).to(tl.float32)[None, :]
+                    else:
+                        xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + xk[None, :] * stride_xk,
+                                     mask=mask_t[:, None], other=0.0)   # [BT, G]
+                        acc3 += xv.to(tl.float32)[:, None, :] * w[None, :, :]
         if not USE_DOT:
-            acc = tl.sum(acc3, axis=2)                            # [BT, BN]
+            if BLOCK_T == 1:
+                acc = tl.sum(acc2, axis=1)[None, :]               # [1, BN]
+            else:
+                acc = tl.sum(acc3, axis=2)                        # [BT, BN]
         out = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
         mask = mask_t[:, None] & mask_n[None, :]
         if ATOMIC:  # split-K: partial sums of fp32 into a zeroed buffer
