@@ -185,6 +185,7 @@ def _case(bits, T, dtype="float32", path="auto", shape=None, **kw):
 
 INTERP_CASES = (
     [_case(b, T) for b in (2, 3, 4) for T in (1, 3, 16)]                 # fused fma path
+    + [_case(3, 2), _case(2, 8)]                                         # the other token blocks
     + [_case(b, 20) for b in (2, 3, 4)]                                  # prefill: dequant + matmul
     + [_case(b, 3, split_k=2, shape=(36, 1024 if b == 3 else 256)) for b in (2, 3, 4)]   # split-K
     + [_case(b, 5, "float16", "dot") for b in (2, 3, 4)]                 # tensor-core path (sm_80+)
