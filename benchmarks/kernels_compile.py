@@ -103,7 +103,8 @@ def check(cc, bits, T, dtype, shape, path="auto", **overrides):
             P = kernels.PLANES[bits]
             qa, qb = kernels._code_args(mat, bits)
             w = torch.empty(n, k, dtype=xc.dtype)
-            args = (w, qa, qb, *kernels._meta_args(mat), n, k, w.stride(0), qa.stride(0), qb.stride(0), scale_group)
+            args = (w, qa, qb, *kernels._meta_args(mat), 0, n, k, w.stride(0), qa.stride(0), qb.stride(0),
+                    scale_group)
             meta = dict(BITS=bits, P=P, G=group_size, BLOCK_N=16, BLOCK_J=64)
             compiled = compile_launch(kernels._dequant_kernel, args, meta, cc)
         else:

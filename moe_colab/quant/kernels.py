@@ -45,6 +45,7 @@ except Exception as e:  # no triton wheel (e.g. Windows, CPU-only installs)
 
 MAX_FUSED_T = 16       # above this many rows the dequantize-then-cuBLAS path is faster
 DOT_MIN_T = 4          # on sm_80+, fp16/bf16 rows from this count use tensor cores (tl.dot)
+DEQUANT_CHUNK = 1 << 24    # prefill dequantizes at most this many weights at a time (32 MB fp16)
 PLANES = {4: 2, 2: 4, 3: 8}          # inputs interleaved per packed byte column
 CODE_NAMES = {4: ("q4",), 2: ("q2",), 3: ("q2", "q1")}
 META_NAMES = ("s_q", "s_scale", "s_zero", "z_q", "z_scale", "z_zero")
@@ -130,10 +131,10 @@ if triton is not None:
 
     @triton.jit
     def _dequant_kernel(w_ptr, qa_ptr, qb_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,
-                        N, K, stride_w, stride_qa, stride_qb, SG,
+                        row0, N, K, stride_w, stride_qa, stride_qb, SG,
                         BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN]
+        offs_n = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows row0..N-1
         offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)   # [BJ] packed column
         plane = K // P
         mask = (offs_n < N)[:, None] & (offs_j < plane)[None, :]      # [BN, BJ]
@@ -162,7 +163,7 @@ if triton is not None:
                  - tl.load(zz_ptr + m, mask=mask, other=0).to(tl.float32)) \
                 * tl.load(zs_ptr + m, mask=mask, other=0).to(tl.float32)
             w = (q.to(tl.float32) - z) * s
-            tl.store(w_ptr + offs_n[:, None] * stride_w + i[None, :],
+            tl.store(w_ptr + (offs_n - row0)[:, None] * stride_w + i[None, :],
                      w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -226,19 +227,24 @@ def _code_args(mat, bits):
     return qa, qb
 
 
-def dequantize_triton(mat, bits, group_size, scale_group, shape, dtype=torch.float16) -> torch.Tensor:
-    """W [out, in] in ``dtype`` from the stored tensors (one Triton kernel; same result as
-    packing.dequantize)."""
+def dequantize_triton(mat, bits, group_size, scale_group, shape, dtype=torch.float16, rows=None,
+                      _check_input=True) -> torch.Tensor:
+    """W[r0:r1] [r1 - r0, in] in ``dtype`` (rows=(r0, r1); default all) from the stored tensors:
+    one Triton kernel, the same values as packing.dequantize."""
     n, k = (int(s) for s in shape)
     probe = mat["q4"] if bits == 4 else mat.get("q2", next(iter(mat.values())))
-    _check(torch.empty(0, k, device=probe.device, dtype=torch.float32), mat, bits, group_size,
-           scale_group, shape)
-    w = torch.empty(n, k, device=probe.device, dtype=dtype)
+    if _check_input:
+        _check(torch.empty(0, k, device=probe.device, dtype=torch.float32), mat, bits, group_size,
+               scale_group, shape)
+    r0, r1 = rows or (0, n)
+    if not 0 <= r0 < r1 <= n:
+        raise ValueError(f"rows {rows} outside the matrix's {n} rows")
+    w = torch.empty(r1 - r0, k, device=probe.device, dtype=dtype)
     qa, qb = _code_args(mat, bits)
     P = PLANES[bits]
     block_n, block_j = 16, 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k // P, block_j))
-    _dequant_kernel[grid](w, qa, qb, *_meta_args(mat), n, k, w.stride(0), qa.stride(0), qb.stride(0),
+    grid = (triton.cdiv(r1 - r0, block_n), triton.cdiv(k // P, block_j))
+    _dequant_kernel[grid](w, qa, qb, *_meta_args(mat), r0, r1, k, w.stride(0), qa.stride(0), qb.stride(0),
                           scale_group, BITS=bits, P=P, G=group_size, BLOCK_N=block_n, BLOCK_J=block_j)
     return w
 
@@ -330,9 +336,12 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
     xc = x2.float() if (x.dtype == torch.bfloat16 and cc < (8, 0)) else x2   # no bf16 math below sm_80
     cfg = launch_config(T, (n, k), bits, group_size, xc.dtype, cc, sms, path=path, split_k=split_k,
                         block_n=block_n, num_warps=num_warps)
-    if cfg["path"] == "dequant":
-        w = dequantize_triton(mat, bits, group_size, scale_group, (n, k), xc.dtype)
-        y.copy_(F.linear(xc, w))
+    if cfg["path"] == "dequant":   # in row chunks: the 16-bit copy never exceeds DEQUANT_CHUNK values
+        step = max(16, DEQUANT_CHUNK // k // 16 * 16)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            w = dequantize_triton(mat, bits, group_size, scale_group, (n, k), xc.dtype, (r0, r1), False)
+            y[:, r0:r1] = F.linear(xc, w)
         return y.view(*lead, n)
     if cfg["split_k"] > 1:      # partial sums are added atomically in fp32
         acc = torch.zeros(T, n, device=x.device, dtype=torch.float32)
