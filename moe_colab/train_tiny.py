@@ -2,13 +2,11 @@
 
     python -m moe_colab.train_tiny --out moe_colab/models/tiny --metrics docs/tiny_training.json
 
-Every machine already holds the corpus: the ``.py`` files of the running Python's standard library
-(site-packages, test directories and two data-table packages left out). A file belongs to the
-held-out split when the hash of its relative path falls in the lowest 2%, so the split does not
-depend on the order of a directory listing. The tokenizer (byte-level BPE, ``tokenizers``) sees
-only the train split. The model is a transformers ``MixtralConfig``: 8 experts, top-2 routing,
-grouped-query attention, trained with a load-balancing loss so every expert gets work; the
-offloading engine then has something real to cache. Weights are saved in float16.
+The corpus is the running Python's own standard library, split and tokenized by ``tiny_data.py``
+(byte-level BPE trained on the train split only). The model is a transformers ``MixtralConfig``:
+8 experts, top-2 routing, grouped-query attention, trained with a per-layer load-balancing loss
+so every expert of every layer gets work; the offloading engine then has something real to cache.
+Weights are saved in float16.
 
 Training is seeded and its data order is a function of (seed, step) alone, so ``--resume``
 continues exactly where a checkpoint left off. ``--max-minutes`` stops cleanly and still saves.
@@ -19,30 +17,24 @@ nanoGPT's train.py for the shape of the loop; the paper this package follows: ar
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]   # ids 0..3, as in Mixtral: unk=0, bos=1, eos=2
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
-HELDOUT_PER_MILLE = 20                               # 2% of files
-# Directories that are not ordinary code: tests, and tables of data (codecs, pydoc topics).
-SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"}
+from .tiny_data import (BOS_ID, EOS_ID, PAD_ID, batch_at, encode_stream, heldout_probe, hf_tokenizer,
+                        read_sources, spread_rows, stdlib_files, train_tokenizer)
 
 # name: (model shape, training schedule). "full" is what ships; "tiny-test" keeps the script honest.
 SETTINGS = {
     "full": dict(vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, seq_len=256, batch_size=8,
-                 steps=1000, warmup=50, lr=2e-3, eval_every=100, eval_tokens=8192, final_eval_tokens=10 ** 9,
+                 steps=2000, warmup=50, lr=2e-3, eval_every=200, eval_tokens=8192, final_eval_tokens=10 ** 9,
                  max_files=None),
     "tiny-test": dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, seq_len=32, batch_size=2,
@@ -51,86 +43,8 @@ SETTINGS = {
 }
 
 
-# -- corpus --------------------------------------------------------------------------------------
-def is_heldout(relative_path: str) -> bool:
-    """Whether a stdlib file (posix path relative to the stdlib root) is in the held-out split."""
-    digest = hashlib.sha256(relative_path.encode()).hexdigest()
-    return int(digest[:8], 16) % 1000 < HELDOUT_PER_MILLE
-
-
-def stdlib_files(root: str | Path | None = None) -> tuple[list[Path], list[Path], Path]:
-    """(train files, held-out files, stdlib root), both lists sorted by relative path."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise FileNotFoundError(f"Python standard library not found at {root}")
-    found = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in SKIPPED_DIRS]    # prune: never walk site-packages
-        found += [Path(directory, n) for n in names if n.endswith(".py")]
-    train, heldout = [], []
-    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
-        (heldout if is_heldout(path.relative_to(root).as_posix()) else train).append(path)
-    return train, heldout, root
-
-
-def read_sources(paths: list[Path]) -> list[str]:
-    """File contents; files that are not UTF-8 are skipped (there are almost none)."""
-    texts = []
-    for p in paths:
-        try:
-            texts.append(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            pass
-    return texts
-
-
-# -- tokenizer -----------------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizers.Tokenizer that prepends <s>; it can encode any byte string."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # keep source text exact
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", BOS_ID)])
-    return tok
-
-
-def hf_tokenizer(tok, seq_len: int):
-    """Wrap for save_pretrained / AutoTokenizer, special tokens named."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", model_max_length=seq_len)
-
-
-def encode_stream(tok, texts: list[str]) -> torch.Tensor:
-    """One long int32 stream: <s> file </s> <s> file </s> ..."""
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
-    ids = []
-    for e in encodings:
-        ids += [BOS_ID, *e.ids, EOS_ID]
-    return torch.tensor(ids, dtype=torch.int32)
-
-
-def heldout_probe(tokenizer, texts: list[str], n_files: int = 4, tokens: int = 128) -> torch.Tensor:
-    """[n, tokens] ids: <s> and the start of the first held-out files; a quick, fixed measurement."""
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=tokens)["input_ids"]
-        if len(ids) == tokens:
-            rows.append(ids)
-        if len(rows) == n_files:
-            break
-    return torch.tensor(rows, dtype=torch.long)
-
-
-# -- model and data ------------------------------------------------------------------------------
-def model_config(s: dict, aux_coef: float, jitter: float):
+# -- model and loss -------------------------------------------------------------------------------
+def model_config(s: dict, aux_coef: float):
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -138,15 +52,8 @@ def model_config(s: dict, aux_coef: float, jitter: float):
         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
         num_key_value_heads=s["num_key_value_heads"], num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=s["seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
-        router_aux_loss_coef=aux_coef, router_jitter_noise=jitter, tie_word_embeddings=False,
+        router_aux_loss_coef=aux_coef, tie_word_embeddings=False,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-
-
-def batch_at(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[B, T+1] random windows; a function of (seed, step) only, so a resumed run sees the same data."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=g)
-    return torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()]).long()
 
 
 def lr_at(step: int, steps: int, warmup: int, peak: float, floor_frac: float = 0.1) -> float:
@@ -194,17 +101,11 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.T
     return torch.stack(losses).mean()
 
 
-def spread_rows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
-    """[n, T] windows spread evenly over a stream (many files, not just the first)."""
-    starts = torch.linspace(0, len(stream) - seq_len, n).long().tolist()
-    return torch.stack([stream[s:s + seq_len] for s in starts]).long()
-
-
 @torch.no_grad()
 def expert_load(model, input_ids: torch.Tensor) -> list[list[float]]:
     """Per layer, the fraction of top-k assignments each expert receives on these tokens."""
     was_training = model.training
-    model.eval()                                                    # no router jitter
+    model.eval()                                                    # route as at inference
     out = model(input_ids=input_ids, output_router_logits=True)
     model.train(was_training)
     k, e = model.config.num_experts_per_tok, model.config.num_local_experts
@@ -227,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--aux-coef", type=float, default=0.05, help="per-layer load-balancing loss weight")
-    ap.add_argument("--router-jitter", type=float, default=0.0, help="multiplicative noise on router inputs")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the build machine is shared)")
     ap.add_argument("--max-minutes", type=float, default=30.0, help="stop training cleanly after this long")
     ap.add_argument("--checkpoint-every", type=int, default=100)
@@ -258,16 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     state_path, tok_path = work / "state.pt", work / "tokenizer.json"
-    state = torch.load(state_path, weights_only=False) if args.resume else None
-    if args.resume and state is None:
-        raise FileNotFoundError(f"--resume: no checkpoint at {state_path}")
+    if args.resume and not state_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {state_path} (train without --resume first)")
+    state = torch.load(state_path, weights_only=False) if args.resume else None   # our own file
     tok = Tokenizer.from_file(str(tok_path)) if state else train_tokenizer(train_texts, s["vocab_size"])
     tok.save(str(tok_path))
     train_stream, heldout_stream = encode_stream(tok, train_texts), encode_stream(tok, heldout_texts)
     print(f"tokens: {len(train_stream):,} train / {len(heldout_stream):,} held-out, "
           f"{sum(map(len, train_texts)) / len(train_stream):.2f} characters per token")
 
-    config = model_config(s, args.aux_coef, args.router_jitter)
+    config = model_config(s, args.aux_coef)
     model = MixtralForCausalLM(config)                      # float32 master weights for training
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
@@ -349,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "python": platform.python_version(), "stdlib": str(root), "seed": args.seed,
         "setting": "tiny-test" if args.tiny_test else "full", "config": {**s, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "router_aux_loss_coef": coef, "router_jitter_noise": args.router_jitter},
+        "num_experts_per_tok": 2, "router_aux_loss_coef": coef},
         "files": {"train": len(train_texts), "heldout": len(heldout_texts),
                   "heldout_paths": [p.relative_to(root).as_posix() for p in heldout_files]},
         "tokens": {"train": len(train_stream), "heldout": len(heldout_stream),
