@@ -28,8 +28,16 @@ tests)
   MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 90 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
   ;;
 bench)
-  run kernels_bench 120 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 50
+  run kernels_bench 150 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 60 --no-sweep
   run bench 420 python3 -m moe_colab bench --quant both --profile --max-minutes 6 \
     --out "$OUT" --results-dir "$OUT" --name h200
+  ;;
+final)   # after fixes: the 2-bit benchmark again, the soak, the fixed tests, the kernel table
+  run bench 240 python3 -m moe_colab bench --quant paper-2bit --runs 1 --profile \
+    --out "$OUT" --results-dir "$OUT" --name h200_2bit
+  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 130 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
+  run tests 100 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_bench.py tests/test_kernels.py \
+    -k "dequant_kernel or small_scale or stress or overlap"
+  run kernels_bench 110 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 45 --no-sweep
   ;;
 esac

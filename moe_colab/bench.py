@@ -72,6 +72,8 @@ def parse_args(argv):
       "(default: the cap minus the reserve)")
     a("--experts-on-device", type=int, default=4)
     a("--prefetch", type=int, default=2)
+    a("--guess-from", default=None, choices=["auto", "before", "after"],
+      help="hidden state of the speculative guess (default: load_model's)")
     a("--device-memory-gib", type=float, default=15.0, help="device memory cap for the process (T4: 15)")
     a("--rows", default=",".join(ROWS), help=f"comma separated, from {ROWS + EXTRA_ROWS}")
     a("--quick", action="store_true", help="1 run, 32 decoded tokens (naive: 4)")
@@ -242,7 +244,8 @@ class Bench:
         """full, no_prefetch, no_cache on ONE engine model (switched by configure), then the profile."""
         a, dev, replay = self.args, self.device, self.replay
         model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype,
-                                experts_on_device=a.experts_on_device, prefetch=a.prefetch, seed=a.seed)
+                                experts_on_device=a.experts_on_device, prefetch=a.prefetch, seed=a.seed,
+                                guess_from=a.guess_from)
         q["build_s"] = round(time.perf_counter() - t_build, 1)
         self.log(f"  built in {q['build_s']} s: experts {store.host_bytes / GiB:.2f} GiB on the host, "
                  f"{model.moe_cache.device_bytes / GiB:.2f} GiB of device slots")
@@ -311,7 +314,7 @@ class Bench:
         k = a.experts_on_device
         store = make_store(self.config, qcfg, dev, self.dtype, a.seed, device_first=k)
         model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype, experts_on_device=k,
-                                prefetch=a.prefetch, seed=a.seed)
+                                prefetch=a.prefetch, seed=a.seed, guess_from=a.guess_from)
         self.log(f"  full_swap: experts {store.host_bytes / GiB:.2f} GiB on the host (swap mode)")
         if replay:
             replay.install(model)

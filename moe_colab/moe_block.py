@@ -55,7 +55,7 @@ class OffloadedMoE(nn.Module):
         guess = spec.guess_before(x) if spec is not None and spec.source == "before" else None
         # The one host synchronisation of the layer: which experts, and the early guess.
         sync = counts if guess is None else torch.cat([counts, guess])
-        host = sync.tolist()
+        host = self.cache.to_host(sync)
         counts_host = host[:self.num_experts]
         needed = [e for e, c in enumerate(counts_host) if c]
         order = torch.argsort(flat, stable=True)                        # [T*k] grouped by expert
@@ -83,5 +83,5 @@ class OffloadedMoE(nn.Module):
             tokens, y = outputs[expert]
             out.index_add_(0, tokens, y.to(out.dtype))
         if spec is not None and spec.source == "after":
-            spec.prefetch(spec.guess_after(out).tolist())
+            spec.prefetch(self.cache.to_host(spec.guess_after(out)))
         return out.reshape(shape)

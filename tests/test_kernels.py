@@ -337,7 +337,10 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
     mat = poisoned(random_matrix(bits, shape, g, sg, seed=7, device="cuda"))
     for dtype in (torch.float32, torch.float16):
         w = kernels.dequantize_triton(mat, bits, g, sg, shape, dtype)
-        torch.testing.assert_close(w, packing.dequantize(mat, bits, g, sg, shape, dtype), rtol=1e-6, atol=0)
+        ref = packing.dequantize(mat, bits, g, sg, shape, dtype)
+        # Both compute (q - z) * s; the GPU may fuse it into one FMA, so allow rounding at the
+        # scale of the largest weight (the interpreter test checks exact equality).
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
     x = torch.randn(3, shape[1], device="cuda", dtype=torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")              # Triton works here: no fallback warning

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 TOKENS, WINDOW, WARMUP = 2000, 200, 50
 FLAT_BYTES = 8 * 2**20          # allowed spread of memory_allocated - KV cache after warm-up
 OUT = Path(os.environ.get("MOE_COLAB_SOAK_OUT", Path(__file__).resolve().parents[1] / "docs" / "soak.json"))
-MODEL = dict(layers=8, experts=8, top_k=2, heads=8, kv_heads=2, hidden=1024, intermediate=2816, vocab=2048,
+MODEL = dict(layers=6, experts=8, top_k=2, heads=8, kv_heads=2, hidden=512, intermediate=1408, vocab=2048,
              seed=13)
 
 
