@@ -340,7 +340,7 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
         ref = packing.dequantize(mat, bits, g, sg, shape, dtype)
         # Both compute (q - z) * s; the GPU may fuse it into one FMA, so allow rounding at the
         # scale of the largest weight (the interpreter test checks exact equality).
-        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+        torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     x = torch.randn(3, shape[1], device="cuda", dtype=torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")              # Triton works here: no fallback warning

@@ -44,7 +44,11 @@ except Exception as e:  # no triton wheel (e.g. Windows, CPU-only installs)
     _TRITON_ERROR = f"{type(e).__name__}: {e}"
 
 MAX_FUSED_T = 16       # above this many rows the dequantize-then-cuBLAS path is faster
-DOT_MIN_T = 4          # on sm_80+, fp16/bf16 rows from this count use tensor cores (tl.dot)
+# On sm_80+, fp16/bf16 2-bit rows from this count use tensor cores (tl.dot). Measured on an H200
+# (docs/kernels.md): the fma path wins at T=4 for every width and at T=16 for 3 and 4 bits; dot
+# wins only for 2-bit at T=16 (0.55 ms vs 0.76 ms per expert).
+DOT_MIN_T = 16
+DOT_BITS = (2,)
 DEQUANT_CHUNK = 1 << 24    # prefill dequantizes at most this many weights at a time (32 MB fp16)
 PLANES = {4: 2, 2: 4, 3: 8}          # inputs interleaved per packed byte column
 CODE_NAMES = {4: ("q4",), 2: ("q2",), 3: ("q2", "q1")}
@@ -259,7 +263,8 @@ def launch_config(T, shape, bits, group_size, dtype, cc, sms, *, path="auto", sp
     if path == "auto":
         if T > MAX_FUSED_T or not fusable:
             path = "dequant"
-        elif cc >= (8, 0) and dtype != torch.float32 and group_size >= 16 and T >= DOT_MIN_T:
+        elif (cc >= (8, 0) and dtype != torch.float32 and group_size >= 16 and T >= DOT_MIN_T
+              and bits in DOT_BITS):
             path = "dot"
         else:
             path = "fma"
