@@ -338,9 +338,12 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
     for dtype in (torch.float32, torch.float16):
         w = kernels.dequantize_triton(mat, bits, g, sg, shape, dtype)
         ref = packing.dequantize(mat, bits, g, sg, shape, dtype)
-        # Both compute (q - z) * s; the GPU may fuse it into one FMA, so allow rounding at the
-        # scale of the largest weight (the interpreter test checks exact equality).
-        torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        # Both compute (q - z) * s, but the GPU may fuse it into one FMA: compare by relative
+        # norm (seen on an H200: 1-2% of elements differ by ~1e-8), exact equality is checked
+        # under the interpreter.
+        assert not torch.isnan(w).any()
+        rel = ((w.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < (1e-6 if dtype == torch.float32 else 1e-3), rel
     x = torch.randn(3, shape[1], device="cuda", dtype=torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")              # Triton works here: no fallback warning
