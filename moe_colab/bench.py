@@ -159,7 +159,6 @@ class Bench:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         a, c, dev = self.args, self.config, self.device
-        torch.set_grad_enabled(False)
         self.log(f"device {dev} ({self.res['machine'].get('gpu', 'cpu')}), cap {a.device_memory_gib} GiB, "
                  f"{c.num_hidden_layers} layers x {c.num_local_experts} experts, hidden {c.hidden_size}")
         tokens = max(a.prompts) + max(a.decode_tokens, a.naive_decode_tokens, a.profile_tokens)
@@ -365,7 +364,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.argv = argv
     try:
-        res = Bench(args).run()
+        with torch.no_grad():       # scoped: a caller's (or a test's) grad mode is left as it was
+            res = Bench(args).run()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
