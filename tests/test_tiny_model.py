@@ -192,3 +192,14 @@ def test_balance_loss_sees_per_layer_collapse_that_pooled_loss_misses():
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_tiny.main(["--tiny-test", "--resume", "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")])
+
+
+def test_training_is_reproducible(tmp_path):
+    from safetensors.torch import load_file
+    runs = []
+    for name in ("a", "b"):
+        train_tiny.main(["--tiny-test", "--steps", "3", "--out", str(tmp_path / name), "--work-dir", str(tmp_path / f"w{name}")])
+        runs.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
