@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,7 +39,6 @@ STATE = "moe_colab_hub.json"
 PARTS = "parts"
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json")
-_ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
 
 
 class HubShards:
@@ -220,10 +218,8 @@ def fresh_manifest(config, qcfg, dtype, fmt, source: str) -> dict:
 def _quantize_shard(source, shard, path, dst, manifest, qcfg, fmt, E, device) -> None:
     """Quantize one shard's tensors; save its trunk part and every layer it touched."""
     from .quant.manifest import TRUNK_FILE, layer_file
-    from .quant.matrix import quantize_matrix
-    from .quant.quantize import _save_unit
+    from .quant.quantize import _save_unit, quantize_trunk_tensor
 
-    attn_bits, g, sg = qcfg.matrix("attn")
     trunk, layers = {}, {}
     for name, t in source.tensors(shard, path):
         key = A.parse_expert_key(name)
@@ -232,12 +228,7 @@ def _quantize_shard(source, shard, path, dst, manifest, qcfg, fmt, E, device) ->
         if key is None:
             if TRUNK_FILE in manifest["files"]:
                 continue
-            m = _ATTN_KEY.match(name)
-            if m and attn_bits != 16:
-                for k, v in quantize_matrix(t.to(device), attn_bits, g, sg).items():
-                    trunk[f"{m[1]}.{k}"] = v
-            else:
-                trunk[A.trunk_key(name)] = t
+            trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
             continue
         layer, expert, w = key
         if layer_file(layer) in manifest["files"]:

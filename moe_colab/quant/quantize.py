@@ -33,6 +33,16 @@ from .matrix import default_device, quantize_matrix
 _ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
 
 
+def quantize_trunk_tensor(name: str, t: torch.Tensor, qcfg: QuantConfig, device) -> dict[str, torch.Tensor]:
+    """One non-expert checkpoint tensor -> the trunk entries it becomes: an attention projection
+    as QuantLinear buffers (when attention is quantized), anything else unchanged."""
+    attn_bits, g, sg = qcfg.matrix("attn")
+    m = _ATTN_KEY.match(name)
+    if m and attn_bits != 16:
+        return {f"{m[1]}.{k}": v for k, v in quantize_matrix(t.to(device), attn_bits, g, sg).items()}
+    return {A.trunk_key(name): t}
+
+
 def _save_unit(dst: Path, name: str, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
     from safetensors.torch import save_file
     tmp = dst / (name + ".tmp")
@@ -131,15 +141,9 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
 
     try:
         if todo_trunk:    # unit 1: the trunk (attention projections quantized, the rest kept)
-            attn_bits, g, sg = qcfg.matrix("attn")
             trunk = {}
             for (_, name), t in tensors_of(todo_trunk):
-                m = _ATTN_KEY.match(name)
-                if m and attn_bits != 16:
-                    for k, v in quantize_matrix(t.to(device), attn_bits, g, sg).items():
-                        trunk[f"{m[1]}.{k}"] = v
-                else:
-                    trunk[A.trunk_key(name)] = t
+                trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
             _save_unit(dst, TRUNK_FILE, trunk, manifest)
             del trunk
             if on_unit_done:
