@@ -38,12 +38,14 @@ def builtin_model_path(name: str) -> Path | None:
 def resolve(path_or_id: str | os.PathLike, *, allow_download: bool = True) -> Path:
     """A local directory for a path, a built-in name (``"tiny"``) or a Hub id."""
     s = str(path_or_id)
+    # A bare built-in name ("tiny") wins over a folder of that name in the current directory;
+    # "./tiny" means the folder.
+    builtin = builtin_model_path(s) if s and "/" not in s and os.sep not in s else None
+    if builtin is not None:
+        return builtin
     p = Path(s).expanduser()
     if p.is_dir():
         return p
-    builtin = builtin_model_path(s)
-    if builtin is not None:
-        return builtin
     from .config import HUB_ALIASES
     s = HUB_ALIASES.get(s, s)
     looks_like_hub_id = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not p.exists()

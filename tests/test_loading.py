@@ -105,3 +105,13 @@ def test_unsharded_and_builtin_resolution(checkpoints):
     assert model.offload_stats()["hits"] == 0
     assert set(model.offload_stats()) >= {"hits", "misses", "prefetch_hits", "bytes_to_device"}
     assert all(isinstance(v, int) for v in model.offload_stats().values())
+
+
+def test_builtin_name_wins_over_a_local_folder(tmp_path, monkeypatch):
+    from moe_colab.checkpoint import builtin_model_path, resolve
+    if builtin_model_path("tiny") is None:
+        pytest.skip("the built-in tiny model is not installed")
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve("tiny") == builtin_model_path("tiny")
+    assert resolve("./tiny").resolve() == (tmp_path / "tiny").resolve()
