@@ -64,7 +64,7 @@ def cmd_generate(args) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(device)
-    streamer = TextStreamer(tokenizer, skip_prompt=args.chat)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     start = time.perf_counter()
