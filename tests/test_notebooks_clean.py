@@ -20,7 +20,8 @@ from moe_colab.runtime import COLAB_GPU_MENU, Runtime, describe
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
-EXPECTED = ["00_index", "01_router_analysis", "02_expert_locality", "03_lru_cache", "04_speculative_loading"]
+EXPECTED = ["00_index", "01_router_analysis", "02_expert_locality", "03_lru_cache", "04_speculative_loading",
+            "05_mixed_quantization", "06_mixtral_on_a_t4"]
 HEADINGS = [r"^# \S", r"^## Objectives", r"^## What you need", r"^## 0\. Setup", r"^## Summary",
             r"^## Exercises", r"^## What's next"]
 

@@ -32,8 +32,11 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct on a GPU (the other not
 # | 02 | Expert locality | Do nearby tokens reuse the same experts more often than chance? | {{badge 02_expert_locality}} |
 # | 03 | LRU cache | How many expert loads does a small per-layer cache save, and which policy is best? | {{badge 03_lru_cache}} |
 # | 04 | Speculative loading | How well does the next layer's router, applied early, guess its experts? | {{badge 04_speculative_loading}} |
+# | 05 | Mixed quantization | How small does HQQ make Mixtral (Table 1), what does a 2-bit matrix hold, what does it cost, what fits a T4? | {{badge 05_mixed_quantization}} |
+# | 06 | Mixtral on a T4 | Plan, quantize shard by shard to Drive, load offloaded, chat: how many tokens/s and cache hits? | {{badge 06_mixtral_on_a_t4}} |
 #
-# Read them in order: 02 explains why the cache of 03 works, and 04 builds on 03.
+# Read them in order: 02 explains why the cache of 03 works, 04 builds on 03, 05 shrinks the
+# experts that 03 and 04 move, and 06 runs all of it on the real Mixtral.
 
 # %% [markdown]
 # ## 2. The numbers to keep in mind

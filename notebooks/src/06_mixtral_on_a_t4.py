@@ -5,9 +5,10 @@
 #
 # Everything so far, put together: plan the memory, get 2-bit weights onto the machine, load the
 # model with its experts offloaded, chat with it while the tokens stream, and read what the
-# expert cache did. Mixtral-8x7B has 46.7B parameters (87 GB in 16-bit); a free Colab has a
-# 15 GB T4 and 12.7 GB of RAM. The paper (arXiv 2312.17238) made it fit with 4-bit attention,
-# 2-bit experts and an LRU cache of experts on the GPU, and measured 2.09 tokens/s on a T4.
+# expert cache did. Mixtral-8x7B has 46.7B parameters (87 GiB in 16-bit); a free Colab has a
+# 15 GiB T4 and 12.7 GB of RAM. The paper (Eliseev & Mazur, arXiv 2312.17238) made it fit with
+# 4-bit attention, 2-bit experts and an LRU cache of experts on the GPU, and measured 2.09
+# tokens/s on a T4 (its Table 2).
 #
 # ## Objectives
 # - Ask `moe_colab.plan` what fits before allocating anything, and read why 16-bit cannot.
@@ -17,10 +18,14 @@
 #   cache's hit ratio and the tokens per second.
 #
 # ## What you need
-# - Any CPU: without a GPU the same cells run on the small `tiny` model (16-bit, a minute) and
-#   say so. With `USE_REAL_MIXTRAL = True` on a T4 GPU runtime: the first run downloads ~93 GB
-#   one shard at a time and quantizes it (allow an hour or more; Google Drive keeps the result,
-#   and a disconnected run resumes where it stopped). Later runs load from Drive in minutes.
+# - Any CPU: without a GPU (or with `USE_REAL_MIXTRAL = False`) the same cells run on the small
+#   `tiny` model, quantized the same way in seconds, and say so (about a minute in all).
+# - For the real model: a Colab T4 GPU runtime, `USE_REAL_MIXTRAL = True`, and Google Drive
+#   with ~25 GB free. The first run downloads ~93 GB one shard at a time and quantizes it (allow
+#   an hour or more; Drive keeps the result, and a disconnected run resumes where it stopped).
+#   Later runs load from Drive in minutes.
+# - Notebooks 03 (the LRU cache), 04 (speculative loading) and 05 (quantization) explain the
+#   parts; this one only uses them.
 
 # %%
 USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is present (else `tiny` on CPU)
@@ -32,11 +37,10 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is prese
 # A model needs GPU memory for its trunk (embeddings, attention, norms, routers), for the expert
 # slots (layers × experts per layer × one packed expert), for the KV cache and for activations;
 # and host memory for the experts that are not on the GPU. `moe_colab.plan` adds these up from
-# the shapes alone. Here are its verdicts for Mixtral-8x7B on a T4, for each scheme:
+# the shapes alone. Here are its verdicts for Mixtral-8x7B on a Colab T4, for each scheme
+# (these are computed, so they are the same on any machine):
 
 # %%
-import torch
-
 import moe_colab
 from moe_colab.planner import COLAB_T4, PlanError
 
@@ -44,9 +48,10 @@ for quant in (None, "paper-3bit", "paper-2bit"):
     try:
         p = moe_colab.plan("mixtral-8x7b", quant=quant, device="cuda", **COLAB_T4)
         print(f"{p.scheme:>10}: fits, {p.experts_on_device} of 8 experts per layer on the GPU"
-              f"{' (swap mode)' if p.swap else ''}, GPU {p.device_total / 2**30:.1f} GiB")
+              f"{' (swap mode)' if p.swap else ''}, GPU {(p.device_total + p.device_margin_bytes) / 2**30:.1f} "
+              f"of {p.device_budget / 2**30:.0f} GiB with the margin")
     except PlanError as e:
-        print(f"{quant or '16-bit':>10}: refused: {str(e).splitlines()[1].strip()}")
+        print(f"{quant or '16-bit':>10}: refused ({str(e).splitlines()[1].strip().split(' = ')[0]})")
 
 # %% [markdown]
 # The full table of the 2-bit plan. **Swap mode** means an expert lives either on the GPU or
@@ -73,127 +78,214 @@ except PlanError as e:
 # `WEIGHTS = "authors"` converts the 2-bit checkpoint the paper's authors published instead
 # (their HQQ 0.1 groups differ from ours, so it is dequantized and quantized again).
 #
-# Without a GPU the notebook uses `tiny`, unquantized: the cells below run the same way.
+# Otherwise the same function that writes Mixtral's directory, `moe_colab.quantize`, writes a
+# 2-bit `tiny` into a temporary directory, and every cell below runs on it.
 
 # %%
+import tempfile
 from pathlib import Path
 
 WEIGHTS = "original"           # "original": quantize mistralai's checkpoint; "authors": convert theirs
+MIXTRAL_INSTRUCT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 if rt.real_mixtral:
     drive = Path("/content/drive/MyDrive")
     if rt.colab and not drive.exists():
         from google.colab import drive as gdrive
         gdrive.mount("/content/drive")
-    out = (drive if drive.exists() else Path("/content")) / "moe_colab" / f"mixtral-8x7b-instruct-2bit-{WEIGHTS}"
+    out = (drive if drive.exists() else Path.home()) / "moe_colab" / f"mixtral-8x7b-instruct-2bit-{WEIGHTS}"
+    scratch = "/content/shards" if rt.colab else None      # local disk for one shard, not Drive
     if WEIGHTS == "authors":
         from moe_colab.quant.authors_format import convert_authors_checkpoint
-        weights = convert_authors_checkpoint(out, quant="paper-2bit", scratch="/content/shards")
+        weights = convert_authors_checkpoint(out, quant="paper-2bit", scratch=scratch)
     else:
         from moe_colab.hub import quantize_from_hub
-        weights = quantize_from_hub("mistralai/Mixtral-8x7B-Instruct-v0.1", out, "paper-2bit",
-                                    scratch="/content/shards")
-    quant = "paper-2bit"
+        weights = quantize_from_hub(MIXTRAL_INSTRUCT, out, "paper-2bit", scratch=scratch)
+    source = MIXTRAL_INSTRUCT
 else:
-    weights, quant = rt.model, None
-    print(f"no GPU (or USE_REAL_MIXTRAL = False): using {rt.model!r}, unquantized, on {rt.device}")
+    source = rt.model
+    weights = moe_colab.quantize(source, Path(tempfile.mkdtemp()) / f"{source}-2bit".replace("/", "_"),
+                                 quant="paper-2bit", device=rt.device, progress=False)
+    print(f"no GPU or USE_REAL_MIXTRAL = False: this notebook runs on {source!r}, quantized to paper-2bit "
+          f"(4-bit attention, 2-bit experts) like Mixtral would be, on {rt.device}")
 print("weights:", weights)
 
 # %% [markdown]
 # ## 3. Plan for this machine, then load
-# Now with this machine's measured free GPU and host memory. `plan(...).load_kwargs()` gives
-# the number of experts per layer and the mode to pass to `load_model`.
+# For Mixtral, the plan now uses this machine's measured free GPU and host memory.
+# `plan(...).load_kwargs()` gives the number of experts per layer, the mode and the scheme to
+# pass to `load_model`. `tiny` would fit whole anywhere (all 8 experts per layer, nothing to
+# cache), so on it we rehearse the T4's plan for Mixtral instead: 5 of 8 experts per layer, swap
+# mode. (On a CPU the "device" and the host are one pool of memory, and the plan says so.)
 
 # %%
 from transformers import AutoTokenizer
 
 from moe_colab.checkpoint import resolve
 
-p = moe_colab.plan(weights, quant=quant, device=rt.device, dtype=rt.dtype)
+t4 = moe_colab.plan("mixtral-8x7b", quant="paper-2bit", device="cuda", **COLAB_T4)
+if rt.real_mixtral:
+    p = moe_colab.plan(weights, device=rt.device, dtype=rt.dtype)            # this machine, measured
+else:
+    p = moe_colab.plan(weights, device=rt.device, dtype=rt.dtype, experts_on_device=t4.experts_on_device,
+                       swap=t4.swap)
+    print(f"rehearsing the T4 plan for Mixtral on {source!r}: {t4.experts_on_device} of 8 experts per layer"
+          f"{', swap mode' if t4.swap else ''}")
 print(p)
-model = moe_colab.load_model(weights, device=rt.device, dtype=rt.dtype, prefetch=2, **p.load_kwargs())
-has_tokenizer = (resolve(weights) / "tokenizer_config.json").is_file()
-tokenizer = AutoTokenizer.from_pretrained(resolve(weights) if has_tokenizer else "mistralai/Mixtral-8x7B-Instruct-v0.1")
-print(f"loaded: {model.moe_cache.experts_on_device} experts per layer on {rt.device}, "
-      f"{model.moe_cache.device_bytes / 2**30:.2f} GiB of expert slots")
+model = moe_colab.load_model(weights, device=rt.device, dtype=rt.dtype, prefetch=2, progress=False,
+                             **p.load_kwargs())
+# the tokenizer: copied next to the weights, else the Hub id (tokenizer files only), else tiny's own
+tokenizer_dir = (weights if (Path(weights) / "tokenizer_config.json").is_file()
+                 else source if rt.real_mixtral else resolve(source))
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+print(f"\nloaded {source}: {model.moe_cache.experts_on_device} of {model.config.num_local_experts} experts per "
+      f"layer on {rt.device}, {model.moe_cache.device_bytes / 2**20:.1f} MiB of expert slots")
 
 # %% [markdown]
 # ## 4. Chat, with the tokens streaming in
-# `generate` is transformers' own; a `TextStreamer` prints each token as it is decoded. The
-# conversation is kept in `history`, so you can call `chat(...)` again with a follow-up.
+# `generate` is transformers' own; a `TextStreamer` prints each token as it is decoded. Ours
+# also notes when each token arrived, to time decoding apart from reading the prompt. The
+# conversation is kept in `history`, so `chat(...)` can be called again with a follow-up.
+# `tiny` has no chat template and only completes Python code, so it gets the start of a function
+# instead of a question (and its continuation is not good code: it is a teaching model).
 
 # %%
 import time
 
 from transformers import TextStreamer
 
+
+class TimedStreamer(TextStreamer):
+    """A TextStreamer that records when the prompt and each new token arrive."""
+
+    def __init__(self, tokenizer, **kw):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kw)
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())     # first call: the prompt; then one per token
+        super().put(value)
+
+
 history = []
 
 
-def chat(text, max_new_tokens=64 if rt.real_mixtral else 32):
+def chat(text, max_new_tokens=96 if rt.real_mixtral else 32):
+    """Answer ``text`` (with the history so far), streaming; returns (tokens, seconds, decode tokens/s)."""
     history.append({"role": "user", "content": text})
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)["input_ids"]
     else:                        # tiny has no chat template: plain text
         ids = tokenizer("\n".join(m["content"] for m in history), return_tensors="pt").input_ids
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TimedStreamer(tokenizer)
     start = time.perf_counter()
     out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
                          streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     history.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
-    return len(new), seconds
+    t = streamer.times                            # [prompt, token 1, token 2, ...]
+    decode = (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else float("nan")
+    return len(new), seconds, decode
 
 
+if rt.real_mixtral:
+    QUESTIONS = ["Write a Python function that checks whether a number is prime.",
+                 "Now explain in two sentences why it is correct."]
+else:
+    QUESTIONS = ['def is_prime(n):\n    """Return True if n is a prime number."""\n',
+                 'def next_prime(n):\n    """Return the smallest prime larger than n."""\n']
 model.reset_offload_stats()
-n, seconds = chat("Write a Python function that checks whether a number is prime.")
-print(f"\n{n} tokens in {seconds:.1f} s: {n / seconds:.2f} tokens/s (prompt included)")
+n, seconds, decode = chat(QUESTIONS[0])
+print(f"\n{n} tokens in {seconds:.1f} s ({n / seconds:.2f} tokens/s, prompt included)")
 
 # %% [markdown]
 # ## 5. What the expert cache did
 # Every token needs `top_k` experts in each layer. A **hit** found its expert already on the
-# GPU (by the LRU cache or a prefetch); a **miss** waited for a copy. The paper's LRU cache
-# reached roughly half hits on Mixtral (its Figure 2; secondary sources quote 40-60%).
+# device (kept by the LRU cache, or brought early by a prefetch); a **miss** waited for a copy.
+# The paper gives its LRU hit ratios for Mixtral only as a plot (Figure 2); secondary sources
+# read it as roughly 40-60 %.
 
 # %%
 stats = model.offload_stats(per_layer=True)
 uses = stats["hits"] + stats["misses"]
-print(f"expert uses {uses}: hits {stats['hits']} ({stats['hits'] / uses:.0%}), misses {stats['misses']}, "
-      f"prefetched {stats['prefetches']} of which used {stats['prefetch_hits']}")
-print(f"copied host -> {rt.device}: {stats['bytes_to_device'] / 2**20:.1f} MiB")
+print(f"expert uses {uses}: hits {stats['hits']} ({stats['hits'] / uses:.0%}, of which {stats['prefetch_hits']} "
+      f"thanks to a prefetch), misses {stats['misses']}; prefetched {stats['prefetches']}, "
+      f"{stats['prefetch_wasted']} evicted unused")
+print(f"copied host -> {rt.device}: {stats['bytes_to_device'] / 2**20:.1f} MiB "
+      f"({stats['misses'] + stats['prefetches']} expert copies)")
 for l, s in enumerate(stats["per_layer"]):
-    u = s["hits"] + s["misses"]
-    print(f"layer {l:2d}: hit ratio {s['hits'] / u:.2f}" + "  " + "#" * round(20 * s["hits"] / u))
+    u = max(s["hits"] + s["misses"], 1)
+    print(f"layer {l:2d}: hit ratio {s['hits'] / u:.2f}  " + "#" * round(20 * s["hits"] / u))
+assert stats["bytes_to_device"] == (stats["misses"] + stats["prefetches"]) * model.moe_cache.store.nbytes  # one copy each
 
 # %% [markdown]
 # ## 6. Tokens per second, decoding only
-# The prompt is processed in one forward pass; decoding then costs one pass per token. Timing a
-# second, longer answer and subtracting nothing else gives the rate to compare with the paper's
-# Table 2 (2-bit experts, full algorithm, T4: 2.092 tokens/s).
+# The prompt is read in one forward pass; each new token then costs one pass through all 32
+# layers, with their expert copies. The streamer's timestamps give the decoding rate alone
+# (from the first new token to the last), the number to compare with the paper's Table 2:
+# 2.092 tokens/s on a T4 with 2-bit experts and the full algorithm (the paper's figure).
 
 # %%
 model.reset_offload_stats()
-n, seconds = chat("Now explain in two sentences why it is correct.")
-print(f"\n{n} tokens in {seconds:.1f} s: {n / seconds:.2f} tokens/s on {rt.gpu_name or 'CPU'} "
-      f"with {rt.model if not rt.real_mixtral else 'Mixtral-8x7B-Instruct, paper-2bit'}")
+n, seconds, decode = chat(QUESTIONS[1])
 s = model.offload_stats()
-print(f"hit ratio in this answer: {s['hits'] / (s['hits'] + s['misses']):.2f}")
+where = f"{rt.gpu_name or 'CPU'}, " + ("Mixtral-8x7B-Instruct at paper-2bit" if rt.real_mixtral else
+                                       f"{source!r} at paper-2bit (not Mixtral: not comparable with the paper)")
+print(f"\n{n} tokens in {seconds:.1f} s; decoding {decode:.2f} tokens/s on {where}")
+print(f"hit ratio in this answer: {s['hits'] / max(s['hits'] + s['misses'], 1):.2f}; paper, T4, 2-bit: 2.092 tokens/s")
+
+# %% [markdown]
+# ## 7. Your turn: chat
+# In Jupyter or Colab a text box appears below: type a message and press Enter; the answer
+# streams under it, and the history carries over from the cells above. A widget only waits for
+# you in the browser: run headless (CI, `nbval`, a script), this cell returns at once. Without
+# widgets, call `chat("...")` in a new cell.
+
+# %%
+from moe_colab.runtime import widgets_available
+
+if widgets_available():
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    box = widgets.Text(placeholder="Ask something and press Enter", continuous_update=False,
+                       layout=widgets.Layout(width="90%"))
+    answers = widgets.Output()
+
+    def on_enter(change):              # runs only when you press Enter in the browser
+        text = change["new"].strip()
+        if not text:
+            return
+        box.value = ""
+        with answers:
+            print(f"\nyou: {text}")
+            n, seconds, decode = chat(text)
+            print(f"\n[{n} tokens, {decode:.2f} tokens/s decoding]")
+
+    box.observe(on_enter, names="value")
+    display(box, answers)
+else:
+    print("no widgets here: call chat('your message') in a new cell")
 
 # %% [markdown]
 # ## Summary
 # - `moe_colab.plan` decides, from shapes alone, how many experts per layer fit and whether the
-#   host can keep a copy of every expert; it refuses 16-bit Mixtral on a T4 with the numbers.
-# - Quantizing shard by shard keeps disk and RAM bounded and survives disconnects.
+#   host can keep a copy of every expert; on a T4 it picks 5 experts per layer in swap mode at
+#   2 or 3 bits, and refuses 16-bit Mixtral with the numbers.
+# - Quantizing shard by shard keeps disk and RAM bounded and survives disconnects; on a CPU the
+#   same path quantizes `tiny` in seconds.
 # - The offloaded model is an ordinary transformers model: chat templates, streaming and
 #   `generate` work as usual, and `offload_stats()` tells what the cache did.
 #
 # ## Exercises
 # 1. Load with one expert per layer fewer than the plan (`experts_on_device=p.experts_on_device - 1`):
-#    how do the hit ratio and tokens/s change?
-# 2. Set `prefetch=0` and compare tokens/s with `prefetch=2` (the paper's Table 2, row 2).
-# 3. Ask `moe_colab.plan` for a 16k-token context: what does it suggest?
+#    how do the hit ratio and the decoding rate change? (On `tiny`, also try all 8.)
+# 2. Load with `prefetch=0` and compare the decoding rate with `prefetch=2` (the paper's Table 2,
+#    "W/o expert pre-loading").
+# 3. Ask `moe_colab.plan` for Mixtral at paper-2bit with a 16k-token context on a T4
+#    (`max_context=16384`): what does it suggest?
 #
 # ## What's next
 # Back to the index: {{badge 00_index}}. Notebooks 03 and 04 explain the cache and the prefetch
-# whose numbers you just read.
+# whose numbers you just read, and 05 the 2-bit weights.
