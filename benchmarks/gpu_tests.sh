@@ -20,12 +20,12 @@ run() {  # name, seconds, command...
 }
 case "${1:-tests}" in
 tests)
-  run engine 120 python3 -m pytest -q -m gpu tests/test_engine_gpu.py
-  run kernels 120 python3 -m pytest -q -m gpu tests/test_kernels.py
-  run quant 90 python3 -m pytest -q -m gpu tests/test_quant_gpu.py
-  run faults_planner 120 python3 -m pytest -q -m gpu tests/test_faults.py tests/test_planner.py \
+  run engine 100 python3 -m pytest -q -m gpu tests/test_engine_gpu.py
+  run kernels 100 python3 -m pytest -q -m gpu tests/test_kernels.py
+  run quant 60 python3 -m pytest -q -m gpu tests/test_quant_gpu.py
+  run faults_planner 100 python3 -m pytest -q -m gpu tests/test_faults.py tests/test_planner.py \
     tests/test_routing.py tests/test_simulate.py tests/test_bench.py
-  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 90 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
+  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 240 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
   ;;
 bench)
   run kernels_bench 150 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 60 --no-sweep
