@@ -56,6 +56,22 @@ META_NAMES = ("s_q", "s_scale", "s_zero", "z_q", "z_scale", "z_zero")
 
 if triton is not None:
     @triton.jit
+    def _code(ca, cb, c1, p: tl.constexpr, BITS: tl.constexpr):
+        """Plane p's codes from packed bytes (quant_format.md): ca = q4/q2 bytes at the column;
+        for 3 bits cb = the q2 bytes K/8 further on and c1 = the q1 bytes (the high bit)."""
+        if BITS == 4:
+            q = (ca >> (4 * p)) & 15
+        elif BITS == 2:
+            q = (ca >> (2 * p)) & 3
+        else:
+            if p % 2 == 0:
+                lo = (ca >> (2 * (p // 2))) & 3
+            else:
+                lo = (cb >> (2 * (p // 2))) & 3
+            q = lo | (((c1 >> p) & 1) << 2)
+        return q
+
+    @triton.jit
     def _fused_kernel(x_ptr, out_ptr, qa_ptr, qb_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,
                       T, N, K, stride_xt, stride_xk, stride_ot, stride_on, stride_qa, stride_qb,
                       SG, groups_per_split,
@@ -86,17 +102,11 @@ if triton is not None:
             if BITS == 3:  # low 2 bits: q2 columns col (planes 0,2,4,6) and col + K/8 (1,3,5,7)
                 cb = tl.load(row_a + (col + plane)[None, :], mask=mask_n[:, None], other=0)
                 c1 = tl.load(row_b + col[None, :], mask=mask_n[:, None], other=0)
+            else:          # unused below for 2 and 4 bits
+                cb = ca
+                c1 = ca
             for p in tl.static_range(P):
-                if BITS == 4:
-                    q = (ca >> (4 * p)) & 15
-                elif BITS == 2:
-                    q = (ca >> (2 * p)) & 3
-                else:
-                    if p % 2 == 0:
-                        lo = (ca >> (2 * (p // 2))) & 3
-                    else:
-                        lo = (cb >> (2 * (p // 2))) & 3
-                    q = lo | (((c1 >> p) & 1) << 2)
+                q = _code(ca, cb, c1, p, BITS)                    # [BN, G] codes of plane p
                 xk = p * plane + col                              # [G] input index
                 flat = offs_n * ng + (p * ngp + gi)               # [BN] index into S, Z
                 m = flat // SG                                    # its meta-group
@@ -146,17 +156,11 @@ if triton is not None:
         if BITS == 3:
             cb = tl.load(qa_ptr + offs_n[:, None] * stride_qa + (offs_j + plane)[None, :], mask=mask, other=0)
             c1 = tl.load(qb_ptr + offs_n[:, None] * stride_qb + offs_j[None, :], mask=mask, other=0)
+        else:
+            cb = ca
+            c1 = ca
         for p in tl.static_range(P):
-            if BITS == 4:
-                q = (ca >> (4 * p)) & 15
-            elif BITS == 2:
-                q = (ca >> (2 * p)) & 3
-            else:
-                if p % 2 == 0:
-                    lo = (ca >> (2 * (p // 2))) & 3
-                else:
-                    lo = (cb >> (2 * (p // 2))) & 3
-                q = lo | (((c1 >> p) & 1) << 2)
+            q = _code(ca, cb, c1, p, BITS)                            # [BN, BJ] codes of plane p
             i = p * plane + offs_j                                    # [BJ] input index
             flat = offs_n[:, None] * (K // G) + (i // G)[None, :]     # [BN, BJ] index into S, Z
             m = flat // SG
