@@ -231,7 +231,10 @@ def attach_experts(model, adapter, config, cache: ExpertCache, trunk_state: dict
 def _load_trunk(model, state: dict, device, directory) -> None:
     # Parameters and persistent buffers (quantized projections keep their codes in buffers).
     params = dict(model.named_parameters())
-    params.update({n: b for n, b in model.named_buffers() if not n.endswith("inv_freq")})
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                params[f"{prefix}.{name}" if prefix else name] = buf
     unexpected = [k for k in state if k not in params]
     if unexpected:
         raise ValueError(f"{directory}: tensors that fit no parameter of the model, e.g. {unexpected[:3]}")
