@@ -2,6 +2,7 @@
 # GPU work in two calls of under 10 minutes on a lent GPU machine:
 #   bash benchmarks/gpu_tests.sh tests    every GPU-marked test (engine, kernels, quant, faults, soak)
 #   bash benchmarks/gpu_tests.sh bench    the kernel timing table, then the offloading benchmark
+#   bash benchmarks/gpu_tests.sh diag     decode-sync A/B and traces, full-size plan check, soak
 # Logs and outputs go to $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -39,5 +40,21 @@ final)   # after fixes: the 2-bit benchmark again, the soak, the fixed tests, th
   run tests 100 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_bench.py tests/test_kernels.py \
     -k "dequant_kernel or small_scale or stress or overlap"
   run kernels_bench 110 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 45 --no-sweep
+  ;;
+graphs)  # CUDA graphs: their tests, and the decode A/B with and without them
+  run tests 100 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_engine_gpu.py \
+    -k "trusted or host_sync or matches_transformers or graphs"
+  run decode_diag 200 python3 benchmarks/decode_diag.py --out "$OUT" --variants mapped,nographs --runs 2
+  tar czf /tmp/results.tar.gz -C "$OUT" --exclude='*.gz' . && find "$OUT" -maxdepth 1 -type f ! -name '*.gz' -delete \
+    && mv /tmp/results.tar.gz "$OUT/"
+  ;;
+diag)    # the decode-sync A/B with traces, the plan check at full size, the unverified tests, the soak
+  run decode_diag 170 python3 benchmarks/decode_diag.py --out "$OUT" --variants copy,mapped
+  run plan_check 110 python3 benchmarks/plan_check.py --out "$OUT"
+  run tests 60 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_engine_gpu.py -k "trusted or host_sync or matches_transformers or graphs"
+  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 240 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
+  # The device tool returns at most 8 files: the traces as they are, everything else in one archive.
+  tar czf /tmp/results.tar.gz -C "$OUT" --exclude='*.gz' . && find "$OUT" -maxdepth 1 -type f ! -name '*.gz' -delete \
+    && mv /tmp/results.tar.gz "$OUT/"
   ;;
 esac

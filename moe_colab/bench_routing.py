@@ -125,7 +125,7 @@ class ReplayRouting:
                 guesses[l, t] = torch.tensor(guess_experts(experts[l, t].tolist(), count, num_experts, recall, rng))
         self.guesses = guesses
         self._guesses = guesses.to(self.device)
-        self._chunk_rng = random.Random(seed + 2)
+        self.seed = seed
         self.reset()
 
     @property
@@ -133,6 +133,8 @@ class ReplayRouting:
         return self.experts.shape[1]
 
     def reset(self) -> None:
+        """Rewind: the same tokens, and the same guesses for prompt chunks, as the first run."""
+        self._chunk_rng = random.Random(self.seed + 2)
         self.pos = [0] * self.experts.shape[0]
         self.span = [(0, 0)] * self.experts.shape[0]
 

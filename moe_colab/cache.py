@@ -42,6 +42,24 @@ class LayerStats:
             setattr(self, f.name, 0)
 
 
+def mapped_device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor aliasing pinned ``host`` memory (zero-copy: kernels write straight to the
+    host), or None where this CUDA/torch cannot map it. Checked by a write before it is trusted."""
+    try:
+        class _Interface:          # CUDA's array interface: how torch adopts foreign device memory
+            __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "<i4", "version": 2,
+                                        "data": (host.data_ptr(), False), "strides": None}
+        view = torch.as_tensor(_Interface(), device=device)
+        view.fill_(-7)
+        torch.cuda.synchronize(device)
+        if not bool((host == -7).all()):
+            return None
+        host.zero_()
+        return view
+    except Exception:
+        return None
+
+
 class Slot:
     __slots__ = ("index", "buffer", "views", "expert", "prefetched", "ready", "released")
 
@@ -81,6 +99,8 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._host_ints = None                                   # pinned landing buffer, see to_host
+        self._stage, self._mapped = None, False
+        self.mapped_sync = True                                  # False: always copy (benchmarks)
         self._to_host_done = torch.cuda.Event() if self.cuda else None
         layout = store.format.layout
         self.slot_memory = [torch.empty(experts_on_device, store.nbytes, dtype=torch.uint8, device=self.device)
@@ -113,23 +133,43 @@ class ExpertCache:
         (lc.lru[expert].buffer if on_device else self.store.buffer(layer, expert)).copy_(buffer)
         self.store.written[layer][expert].update(("w1", "w2", "w3"))
 
-    def to_host(self, t: torch.Tensor) -> list[int]:
-        """A small integer tensor as a list: the one host synchronisation of a layer.
+    def to_host(self, *tensors: torch.Tensor) -> list[int]:
+        """Small integer tensors, concatenated, as one list: the one host sync of a layer.
 
-        ``t.tolist()`` would copy into pageable memory, a staged copy that queues behind the
-        large prefetch copies in flight (measured on an H200: ~1.5 ms per layer). A copy into
-        pinned memory goes straight to the device-to-host engine; then wait for just that.
+        Expert copies keep the copy engines busy, and any plain memcpy on the compute stream
+        (``torch.cat`` of contiguous tensors, a same-dtype ``copy_``) can queue behind a 60 MB
+        expert copy. So the values are gathered by conversion kernels (int64 -> int32, never a
+        memcpy) into a small buffer that the host reads: pinned host memory mapped into the
+        device's address space where CUDA allows it (the kernel's writes land on the host, no
+        copy at all), else a device buffer followed by one small copy into pinned memory.
         """
         if not self.cuda:
-            return t.tolist()
-        n = t.numel()
-        if self._host_ints is None or self._host_ints.numel() < n:
-            self._host_ints = torch.empty(max(n, 64), dtype=torch.long, pin_memory=True)
-        buf = self._host_ints[:n]
-        buf.copy_(t.reshape(-1).long(), non_blocking=True)
+            return [v for t in tensors for v in t.reshape(-1).tolist()]
+        n = sum(t.numel() for t in tensors)
+        stage = self._staging(n)
+        o = 0
+        for t in tensors:
+            src = t.reshape(-1)
+            if src.dtype == stage.dtype:          # a same-dtype copy would be a memcpy
+                src = src.long()
+            stage[o:o + src.numel()].copy_(src)
+            o += src.numel()
+        if not self._mapped:
+            self._host_ints[:n].copy_(stage[:n], non_blocking=True)
         self._to_host_done.record(torch.cuda.current_stream(self.device))
         self._to_host_done.synchronize()
-        return buf.tolist()
+        return self._host_ints[:n].tolist()
+
+    def _staging(self, n: int) -> torch.Tensor:
+        if self._host_ints is None or self._host_ints.numel() < n:
+            self._host_ints = torch.empty(max(n, 256), dtype=torch.int32, pin_memory=True)
+            self._stage = None
+            if self.mapped_sync:
+                self._stage = mapped_device_view(self._host_ints, self.device)
+            self._mapped = self._stage is not None
+            if self._stage is None:
+                self._stage = torch.empty(self._host_ints.numel(), dtype=torch.int32, device=self.device)
+        return self._stage
 
     # -- copies ---------------------------------------------------------------------------
     def _load(self, layer: int, slot: Slot, expert: int, prefetched: bool) -> None:

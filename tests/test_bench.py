@@ -231,3 +231,18 @@ def test_swap_row_on_cpu(tmp_path):
     assert sw["bytes_per_token"] == pytest.approx(
         (sw["decode_counters"]["bytes_to_device"] + sw["decode_counters"]["bytes_to_host"]) / sw["decoded_tokens"])
     assert "swap mode" in (tmp_path / "d" / "benchmarks.md").read_text()
+
+
+def test_replay_reset_repeats_prompt_chunk_guesses():
+    """Every row replays the same routing: after reset() a prompt chunk gets the same guesses."""
+    from moe_colab.bench_routing import make_routing
+    r = make_routing("synthetic:0.6", num_layers=3, num_experts=8, top_k=2, tokens=40, recall=0.5,
+                     count=2, device="cpu")
+    x = torch.zeros(16, 4)
+
+    def once():
+        r.reset()
+        for layer in range(3):
+            r.route(layer, x)
+        return [r.guess(layer).tolist() for layer in (1, 2)]
+    assert once() == once()

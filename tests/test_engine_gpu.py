@@ -86,3 +86,52 @@ def test_stress_no_half_written_slot(gpu_checkpoint):
         assert torch.equal(out.sequences, ref.sequences), (trial, c)
         assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits)), (trial, c)
     assert sum(m.offload_stats()["prefetch_hits"] for m in models.values()) > 0
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "copied"])
+def test_host_sync_values_and_outputs(gpu_checkpoint, mapped):
+    """The layer's host sync returns exactly the device values, whether kernels write them into
+    mapped pinned memory or they are copied; generation is identical either way."""
+    model = moe_colab.load_model(gpu_checkpoint, device="cuda", dtype=torch.float16, experts_on_device=3,
+                                 prefetch=2, progress=False)
+    cache = model.moe_cache
+    cache.mapped_sync, cache._host_ints = mapped, None
+    a = torch.randint(0, 1000, (7,), device="cuda")
+    b = torch.randint(-5, 5, (3,), device="cuda", dtype=torch.int32)
+    assert cache.to_host(a, b) == a.tolist() + b.tolist()
+    assert cache._mapped == (mapped and cache._mapped)       # copied mode never maps
+    print("mapped sync in use:", cache._mapped)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 512, (1, 10), device="cuda")
+    out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    cache.mapped_sync, cache._host_ints = not mapped, None
+    again = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, again)
+
+
+def test_cuda_graphs_match_eager(gpu_checkpoint):
+    """One-token calls replay CUDA graphs (moe_colab.graphs) from their third call on: the
+    experts of every slot and the attention projections. Same kernels, so the same logits (up to
+    the order of split-K's atomic additions) and the same greedy tokens as eager calls."""
+    from moe_colab import graphs
+    from moe_colab.quant.format import QuantLinear
+
+    model = moe_colab.load_model(gpu_checkpoint, device="cuda", dtype=torch.float16, experts_on_device=3,
+                                 prefetch=2, quant="paper-2bit", progress=False)
+    ids = torch.randint(3, 512, (1, 12), device="cuda")
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    assert graphs.ENABLED
+    try:
+        with_graphs = model.generate(ids, **kw)
+        experts = len(model.moe_cache.store.format._graphs.graphs)
+        linears = sum(len(m._graphs.graphs) for m in model.modules() if isinstance(m, QuantLinear))
+        graphs.ENABLED = False
+        eager = model.generate(ids, **kw)
+    finally:
+        graphs.ENABLED = True
+    assert experts > 0 and linears > 0, (experts, linears)      # graphs were captured and replayed
+    a = torch.stack(eager.scores).float()
+    b = torch.stack(with_graphs.scores).float()
+    assert ((a - b).norm() / a.norm()).item() < 1e-3
+    assert (eager.sequences == with_graphs.sequences).float().mean().item() >= 0.95

@@ -370,3 +370,29 @@ def test_gpu_fallback_warns_once(monkeypatch):
         y2 = kernels.quant_linear(x, mat, bits, g, sg, (256, 512))
     ref = packing.quant_linear_torch(x, mat, bits, g, sg, (256, 512))
     assert torch.equal(y, ref) and torch.equal(y2, ref)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_trusted_calls_still_check_new_buffers():
+    """QuantLinear and the expert format skip the per-call checks only for buffers they have
+    already checked: a replaced buffer of the wrong shape, or a new views dict, is checked again."""
+    from moe_colab.quant.config import QuantConfig
+    from moe_colab.quant.format import QuantizedExpertFormat, QuantLinear
+
+    g, sg = SCHEMES[2]
+    lin = QuantLinear(256, 64, 2, g, sg, device="cuda")
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    first = lin(x)
+    assert torch.equal(lin(x), first)                       # the trusted second call: same result
+    lin.q2 = torch.zeros(64, 32, dtype=torch.uint8, device="cuda")          # expected (64, 64)
+    with pytest.raises(ValueError, match="q2"):
+        lin(x)
+    fmt = QuantizedExpertFormat(256, 512, QuantConfig(4, 2), torch.float16)
+    buf = torch.zeros(fmt.layout.nbytes, dtype=torch.uint8, device="cuda")
+    views = fmt.layout.views(buf)
+    fmt.forward(views, x)
+    fmt.forward(views, x)
+    bad = dict(views, **{"w1.q2": views["w1.q2"][:, :-1]})
+    with pytest.raises(ValueError, match="q2"):
+        fmt.forward(bad, x)

@@ -79,7 +79,7 @@ def test_soak_2000_tokens(ckpt, swap):
         hits, misses = b["hits"] - a["hits"], b["misses"] - a["misses"]
         windows.append(hits / (hits + misses))
     steady = windows[1:]
-    seconds = rows[-1]["t"] - rows[WARMUP]
+    seconds = rows[-1]["t"] - rows[WARMUP]["t"]
     result = {"mode": "swap" if swap else "copy", "device": torch.cuda.get_device_name(), "model": MODEL,
               "experts_on_device": 4, "prefetch": 2, "tokens": TOKENS, "window": WINDOW, "warmup": WARMUP,
               "allocated": [r["allocated"] for r in rows], "kv_bytes": kv, "residual_spread": spread,

@@ -308,6 +308,9 @@ def launch_config(T, shape, bits, group_size, dtype, cc, sms, *, path="auto", sp
             "num_warps": num_warps or 4}
 
 
+_launch_config = functools.lru_cache(maxsize=4096)(launch_config)   # pure: same shapes, same answer
+
+
 def _fused_launch(xc, acc, mat, bits, group_size, scale_group, shape, cfg):
     """(grid, args, meta) of one fused-kernel launch; acc [T, out] receives the result."""
     n, k = shape
@@ -322,13 +325,13 @@ def _fused_launch(xc, acc, mat, bits, group_size, scale_group, shape, cfg):
 
 
 def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=None, path="auto",
-                        split_k=None, block_n=None, num_warps=None) -> torch.Tensor:
+                        split_k=None, block_n=None, num_warps=None, trusted=False) -> torch.Tensor:
     """x [..., in] fp16/bf16/fp32 (CUDA, or CPU under TRITON_INTERPRET=1) -> x @ W.T [..., out]
     in x's dtype. ``path`` "auto" | "fma" | "dot" | "dequant"; ``split_k``, ``block_n`` and
     ``num_warps`` override launch_config's choice (tests and benchmarks)."""
     if triton is None:
         raise RuntimeError(f"Triton is not available ({_TRITON_ERROR})")
-    n, k = _check(x, mat, bits, group_size, scale_group, shape)
+    n, k = (int(shape[0]), int(shape[1])) if trusted else _check(x, mat, bits, group_size, scale_group, shape)
     if not x.is_cuda and not interpreting():
         raise RuntimeError("quant_linear_triton got CPU tensors: Triton runs on CPU only under its "
                            "interpreter (set TRITON_INTERPRET=1 before importing moe_colab.quant.kernels)")
@@ -343,8 +346,8 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
         return y.view(*lead, n)
     cc, sms = _gpu_info(x.device.index) if x.is_cuda else ((8, 0), 4)   # interpreter: a small sm_80
     xc = x2.float() if (x.dtype == torch.bfloat16 and cc < (8, 0)) else x2   # no bf16 math below sm_80
-    cfg = launch_config(T, (n, k), bits, group_size, xc.dtype, cc, sms, path=path, split_k=split_k,
-                        block_n=block_n, num_warps=num_warps)
+    cfg = _launch_config(T, (n, k), bits, group_size, xc.dtype, cc, sms, path=path, split_k=split_k,
+                         block_n=block_n, num_warps=num_warps)
     if cfg["path"] == "dequant":   # in row chunks: the 16-bit copy never exceeds DEQUANT_CHUNK values
         step = max(16, DEQUANT_CHUNK // k // 16 * 16)
         for r0 in range(0, n, step):
@@ -373,9 +376,10 @@ def _torch_path(x, mat, bits, group_size, scale_group, shape):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto") -> torch.Tensor:
+def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto", trusted=False) -> torch.Tensor:
     """x [..., in] -> x @ W.T [..., out] in x's dtype. backend "auto": Triton on CUDA (the torch
-    path, warned once, if Triton is missing or fails), torch on CPU; "triton" | "torch" force one."""
+    path, warned once, if Triton is missing or fails), torch on CPU; "triton" | "torch" force one.
+    ``trusted``: x and mat were validated before (the engine's slots); skip the per-call checks."""
     global _fallback_reason
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; choose auto, triton or torch")
@@ -383,13 +387,14 @@ def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto"
         return quant_linear_triton(x, mat, bits, group_size, scale_group, shape)
     if backend == "torch" or not x.is_cuda:
         return _torch_path(x, mat, bits, group_size, scale_group, shape)
-    _check(x, mat, bits, group_size, scale_group, shape)   # bad input raises, never falls back
+    if not trusted:
+        _check(x, mat, bits, group_size, scale_group, shape)   # bad input raises, never falls back
     if _fallback_reason is None and triton is None:
         _fallback_reason = f"Triton is not available ({_TRITON_ERROR})"
         warnings.warn(f"moe_colab: {_fallback_reason}; using the slower torch dequantize path", stacklevel=2)
     if _fallback_reason is None:
         try:
-            return quant_linear_triton(x, mat, bits, group_size, scale_group, shape)
+            return quant_linear_triton(x, mat, bits, group_size, scale_group, shape, trusted=True)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # compile failure on this GPU / Triton version
