@@ -301,7 +301,7 @@ class Bench:
                 replay.install(model)
             r = self.row("naive", model, slot, bw, stats_fn=lambda: {"bytes_to_device": bytes_moved(info)},
                          reset_fn=replay.reset if replay else (lambda: None), setup=lambda: None,
-                         n_new=a.naive_decode_tokens, runs=a.naive_runs, warmup_prompts=1)
+                         n_new=a.naive_decode_tokens, runs=a.naive_runs, warmup_prompts=1, warmup_tokens=1)
             r.update({k: v for k, v in info.items() if k != "calls"})
             del model
         return r
@@ -324,7 +324,7 @@ class Bench:
         return r
 
     def row(self, row, model, slot, bw, *, stats_fn, reset_fn, setup, n_new=None, runs=None,
-            warmup_prompts=None) -> dict:
+            warmup_prompts=None, warmup_tokens=24) -> dict:
         """One row, guarded: an error is recorded and printed, and the run goes on."""
         a, dev = self.args, self.device
         now = time.perf_counter()
@@ -340,7 +340,7 @@ class Bench:
             r = bm.measure_row(model, self.prompts, n_new or a.decode_tokens, runs or a.runs, device=dev,
                                stats_fn=stats_fn, reset_fn=reset_fn, row_deadline=now + share,
                                hard_deadline=min(self.deadline, now + 2 * share), stop_at=self.deadline,
-                               warmup_prompts=warmup_prompts, log=self.log)
+                               warmup_prompts=warmup_prompts, warmup_tokens=warmup_tokens, log=self.log)
         except Exception as e:
             out = _error(e)
             self.log(f"  {row}: FAILED: {out['error']}")

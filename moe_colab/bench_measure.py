@@ -181,14 +181,15 @@ def _ratio(a, b):
 
 def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn, reset_fn,
                 row_deadline: float, hard_deadline: float, stop_at: float, warmup_prompts: int | None = None,
-                log=print) -> dict:
-    """Warm-up (one decoded token), then ``runs`` rounds over every prompt. Each run starts from an
+                warmup_tokens: int = 24, log=print) -> dict:
+    """Warm-up (``warmup_tokens`` decoded tokens: the engine captures its CUDA graphs on the
+    second and third use of each slot, see moe_colab.graphs), then ``runs`` rounds over every prompt. Each run starts from an
     empty expert cache and a rewound routing. Time limits: the first round always runs (unless
     ``stop_at`` has passed), later rounds only before ``row_deadline``; a decode loop stops
     adding tokens after ``hard_deadline``."""
     for ids in prompts[:warmup_prompts]:
         reset_fn()
-        timed_run(model, ids, 1, device=device, stats_fn=stats_fn)
+        timed_run(model, ids, min(warmup_tokens, n_new), device=device, stats_fn=stats_fn)
     records = []
     for r in range(runs):
         for ids in prompts:
