@@ -85,6 +85,8 @@ def parse_args(argv):
     a("--results-dir", default="benchmarks", help="where bench_<name>.json goes")
     a("--name", default=None, help="result name (default: a UTC timestamp)")
     a("--seed", type=int, default=0)
+    a("--cuda-graphs", default="on", choices=["on", "off"],
+      help="replay one-token matmuls as CUDA graphs (moe_colab.graphs; off by default in the library)")
     a("--max-minutes", type=float, default=7.5, help="wall-clock budget; later runs are skipped")
     args = p.parse_args(argv)
     if args.quick:
@@ -363,12 +365,17 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
+    from . import graphs
+    was = graphs.ENABLED
+    graphs.ENABLED = args.cuda_graphs == "on"
     try:
         with torch.no_grad():       # scoped: a caller's (or a test's) grad mode is left as it was
             res = Bench(args).run()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        graphs.ENABLED = was
     failed = [f"{q}/{r}" for q, d in res["quants"].items() for r, v in d["rows"].items() if "error" in v]
     failed += [f"{q}/build" for q, d in res["quants"].items() if "build_error" in d]
     if failed:

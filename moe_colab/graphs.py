@@ -12,8 +12,10 @@ graph records the kernels of one call once and replays all of them with a single
     2nd call            capture fn on a static copy of x, then replay it
     later calls         copy x into the static input, replay, return a copy of the output
 
-Only CUDA inputs with one row, outside any other capture, and while ``ENABLED`` (environment
-variable MOE_COLAB_CUDA_GRAPHS=0 turns it off). A graph reads its weights at fixed addresses:
+Only CUDA inputs with one row, outside any other capture, and while ``ENABLED``. Off by default
+until its GPU equivalence test (tests/test_engine_gpu.py::test_cuda_graphs_match_eager) has
+passed: turn it on with ``moe_colab.graphs.ENABLED = True`` or MOE_COLAB_CUDA_GRAPHS=1;
+``python -m moe_colab bench`` turns it on (``--cuda-graphs off`` to compare). A graph reads its weights at fixed addresses:
 the engine's slots and a QuantLinear's buffers never move, and a key includes those addresses.
 All graphs share one memory pool: they replay one at a time on one stream, and each output is
 copied out before the next replay. A failed capture turns graphs off with a warning; calls then
@@ -29,7 +31,7 @@ from typing import Callable
 
 import torch
 
-ENABLED = os.environ.get("MOE_COLAB_CUDA_GRAPHS", "1") != "0"
+ENABLED = os.environ.get("MOE_COLAB_CUDA_GRAPHS", "0") == "1"
 _POOL = None              # one private memory pool for every graph (see the docstring)
 _STREAM: dict = {}        # device -> side stream that captures run on
 

@@ -38,6 +38,16 @@ class TensorSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+class Views(dict):
+    """name -> typed view into one expert buffer. A dict that can be weakly referenced, so that
+    per-slot state kept by a format (checked matrices, CUDA graphs) dies with its slot. Hashed
+    and compared by identity: one slot's views, not their contents, key that state."""
+    __slots__ = ("__weakref__",)
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+
+
 class PackedLayout:
     """Where each named tensor sits inside one expert's byte buffer."""
 
@@ -54,10 +64,10 @@ class PackedLayout:
         inner = ", ".join(f"{s.name}{list(s.shape)}:{str(s.dtype)[6:]}@{s.offset}" for s in self.specs)
         return f"PackedLayout({inner}; {self.nbytes} bytes)"
 
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    def views(self, buf: torch.Tensor) -> Views:
         """Typed views into a uint8 buffer of ``nbytes`` (no copy)."""
         assert buf.dtype == torch.uint8 and buf.numel() == self.nbytes, (buf.dtype, buf.numel(), self.nbytes)
-        return {s.name: buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.specs}
+        return Views((s.name, buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)) for s in self.specs)
 
     def pack_into(self, buf: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
         """Copy named tensors into their places in ``buf``; shapes and dtypes must match."""

@@ -109,27 +109,31 @@ def test_host_sync_values_and_outputs(gpu_checkpoint, mapped):
     assert torch.equal(out, again)
 
 
-def test_cuda_graphs_match_eager(gpu_checkpoint):
-    """One-token calls replay CUDA graphs (moe_colab.graphs) from their third call on: the
+def test_cuda_graphs_match_eager(tmp_path):
+    """With moe_colab.graphs on, one-token calls replay CUDA graphs from their third call on: the
     experts of every slot and the attention projections. Same kernels, so the same logits (up to
     the order of split-K's atomic additions) and the same greedy tokens as eager calls."""
     from moe_colab import graphs
     from moe_colab.quant.format import QuantLinear
 
-    model = moe_colab.load_model(gpu_checkpoint, device="cuda", dtype=torch.float16, experts_on_device=3,
+    ck = write_checkpoint(tmp_path / "ck", layers=2, experts=8, top_k=2, heads=8, kv_heads=2, hidden=512,
+                          intermediate=1408, vocab=512, seed=3)
+    model = moe_colab.load_model(ck, device="cuda", dtype=torch.float16, experts_on_device=3,
                                  prefetch=2, quant="paper-2bit", progress=False)
     ids = torch.randint(3, 512, (1, 12), device="cuda")
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0,
               output_scores=True, return_dict_in_generate=True)
-    assert graphs.ENABLED
+    was = graphs.ENABLED
     try:
+        graphs.ENABLED = True
         with_graphs = model.generate(ids, **kw)
-        experts = len(model.moe_cache.store.format._graphs.graphs)
+        fmt = model.moe_cache.store.format
+        experts = sum(len(g.graphs) for _, g in fmt._slots.values())
         linears = sum(len(m._graphs.graphs) for m in model.modules() if isinstance(m, QuantLinear))
         graphs.ENABLED = False
         eager = model.generate(ids, **kw)
     finally:
-        graphs.ENABLED = True
+        graphs.ENABLED = was
     assert experts > 0 and linears > 0, (experts, linears)      # graphs were captured and replayed
     a = torch.stack(eager.scores).float()
     b = torch.stack(with_graphs.scores).float()

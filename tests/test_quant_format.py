@@ -98,3 +98,26 @@ def test_quantize_trunk_replaces_attention_projections_only():
     assert 0 < (after - before).abs().max() < 0.5 * before.abs().max()
     with pytest.raises(ValueError, match="already quantized"):
         quantize_trunk_(model, QuantConfig(4, 16))
+
+
+def test_expert_format_forgets_dropped_slots():
+    """The format keeps per-slot state (checked matrices, CUDA graphs) only while the slot lives:
+    a dropped cache must not keep its slot memory alive through the format."""
+    import gc
+
+    from moe_colab.quant.config import QuantConfig
+    from moe_colab.quant.format import QuantizedExpertFormat
+
+    fmt = QuantizedExpertFormat(256, 512, QuantConfig(4, 2), torch.float32)
+    buf = torch.zeros(fmt.layout.nbytes, dtype=torch.uint8)
+    views = fmt.layout.views(buf)
+    x = torch.randn(1, 256)
+    first = fmt.forward(views, x)
+    assert torch.equal(fmt.forward(views, x), first)          # the second call uses the kept state
+    assert len(fmt._slots) == 1
+    del views, buf
+    gc.collect()
+    assert len(fmt._slots) == 0
+    plain = dict(fmt.layout.views(torch.zeros(fmt.layout.nbytes, dtype=torch.uint8)))
+    assert torch.equal(fmt.forward(plain, x), first)          # a plain dict works too, without state
+    assert len(fmt._slots) == 0

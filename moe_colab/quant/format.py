@@ -14,16 +14,17 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.2-3.3.
 from __future__ import annotations
 
 import importlib
+import weakref
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..graphs import OneTokenGraphs
 from ..storage import DenseExpertFormat, PackedLayout
 from .config import QuantConfig
 from .matrix import quantize_matrix
-from ..graphs import OneTokenGraphs
 from .packing import quant_linear_torch, tensor_shapes
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,8 +69,9 @@ class QuantizedExpertFormat:
             for t, (shape, dt) in tensor_shapes(bits, self.shapes[name], group_size, scale_group).items():
                 entries.append((f"{name}.{t}", shape, dt))
         self.layout = PackedLayout(entries)
-        self._mats: dict[int, tuple[dict, dict]] = {}    # id(views) -> (views, matrices), see forward
-        self._graphs = OneTokenGraphs()
+        # Per slot (keyed by its views, weakly: a dropped cache frees its slots): the matrices,
+        # checked once, and the slot's CUDA graphs. See forward.
+        self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def matrices(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """{"w1": {"q2": ..., "s_q": ...}, ...} from the flat views of one buffer."""
@@ -89,16 +91,18 @@ class QuantizedExpertFormat:
             views[f"{name}.{t}"].copy_(value)
 
     def forward(self, views, x):
-        # A cache slot passes the same views dict every time: split it once, check it once (the
-        # per-call checks and dict building cost more host time than a decode kernel takes),
-        # and from its second one-token call on, replay a CUDA graph (moe_colab.graphs).
-        known = self._mats.get(id(views))
-        if known is None or known[0] is not views:
-            m = self.matrices(views)
-            self._mats[id(views)] = (views, m)
-            return self._forward(m, x, trusted=False)
-        m = known[1]
-        return self._graphs.run(id(views), lambda xs: self._forward(m, xs, trusted=True), x)
+        # A cache slot passes the same views every time: split and check them once (the per-call
+        # checks and dict building cost more host time than a decode kernel takes), and replay
+        # the slot's CUDA graphs for one-token calls where they are on (moe_colab.graphs).
+        try:
+            state = self._slots.get(views)
+        except TypeError:                  # a plain dict (not storage.Views): no per-slot state
+            return self._forward(self.matrices(views), x, trusted=False)
+        if state is None:
+            self._slots[views] = (self.matrices(views), OneTokenGraphs())
+            return self._forward(self._slots[views][0], x, trusted=False)
+        m, graphs = state
+        return graphs.run("expert", lambda xs: self._forward(m, xs, trusted=True), x)
 
     def _forward(self, m, x, trusted):
         q = (self.bits, self.group_size, self.scale_group)
