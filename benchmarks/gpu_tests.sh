@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU work in two calls of under 10 minutes on a lent GPU machine:
+# GPU work in calls of under 10 minutes on a lent GPU machine:
 #   bash benchmarks/gpu_tests.sh tests    every GPU-marked test (engine, kernels, quant, faults, soak)
 #   bash benchmarks/gpu_tests.sh bench    the kernel timing table, then the offloading benchmark
 #   bash benchmarks/gpu_tests.sh diag     decode-sync A/B and traces, full-size plan check, soak
+#   bash benchmarks/gpu_tests.sh graphs   CUDA-graph tests and the decode A/B with and without graphs
 # Logs and outputs go to $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
