@@ -285,6 +285,9 @@ else:
 #    "W/o expert pre-loading").
 # 3. Ask `moe_colab.plan` for Mixtral at paper-2bit with a 16k-token context on a T4
 #    (`max_context=16384`): what does it suggest?
+# 4. On a GPU, set `moe_colab.graphs.ENABLED = True` (CUDA graphs for one-token matmuls, off by
+#    default: `docs/benchmark_notes.md`) and ask the same question again: does decoding get
+#    faster on a T4, where copies rather than kernel launches take most of the time?
 #
 # ## What's next
 # Back to the index: {{badge 00_index}}. Notebooks 03 and 04 explain the cache and the prefetch
