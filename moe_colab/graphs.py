@@ -88,6 +88,9 @@ def _capture(fn, x: torch.Tensor):
     side.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
+        # A warm-up on the static input and this stream first, as PyTorch's notes advise: whatever
+        # it lazily initialises or compiles must not happen inside the capture.
+        fn(x_static)
         # thread_local: another thread's CUDA calls (a memory monitor, say) do not break it.
         graph.capture_begin(pool=_POOL, capture_error_mode="thread_local")
         try:
