@@ -136,12 +136,12 @@ class ExpertCache:
     def to_host(self, *tensors: torch.Tensor) -> list[int]:
         """Small integer tensors, concatenated, as one list: the one host sync of a layer.
 
-        Expert copies keep the copy engines busy, and any plain memcpy on the compute stream
-        (``torch.cat`` of contiguous tensors, a same-dtype ``copy_``) can queue behind a 60 MB
-        expert copy. So the values are gathered by conversion kernels (int64 -> int32, never a
-        memcpy) into a small buffer that the host reads: pinned host memory mapped into the
-        device's address space where CUDA allows it (the kernel's writes land on the host, no
-        copy at all), else a device buffer followed by one small copy into pinned memory.
+        The values are gathered by conversion kernels (int64 -> int32) into a small buffer the
+        host reads after one event wait: pinned host memory mapped into the device's address
+        space where CUDA allows it (the kernels' writes land on the host: no copy to issue),
+        else a device buffer and one small copy into pinned memory. We suspected that a memcpy
+        on the compute stream would queue behind the 60 MB expert copies; an H200 trace showed
+        it does not (docs/benchmark_notes.md), and both variants measured the same there.
         """
         if not self.cuda:
             return [v for t in tensors for v in t.reshape(-1).tolist()]
