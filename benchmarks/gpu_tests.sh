@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_tests.sh bench    the kernel timing table, then the offloading benchmark
 #   bash benchmarks/gpu_tests.sh diag     decode-sync A/B and traces, full-size plan check, soak
 #   bash benchmarks/gpu_tests.sh graphs   CUDA-graph tests and the decode A/B with and without graphs
+#   bash benchmarks/gpu_tests.sh final    the benchmark (naive included), then the CUDA-graph tests
 # Logs and outputs go to $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -34,13 +35,12 @@ bench)
   run bench 420 python3 -m moe_colab bench --quant both --profile --max-minutes 6 \
     --out "$OUT" --results-dir "$OUT" --name h200
   ;;
-final)   # after fixes: the 2-bit benchmark again, the soak, the fixed tests, the kernel table
-  run bench 240 python3 -m moe_colab bench --quant paper-2bit --runs 1 --profile \
-    --out "$OUT" --results-dir "$OUT" --name h200_2bit
-  MOE_COLAB_SOAK_OUT=$OUT/soak.json run soak 130 python3 -m pytest -q -m gpu tests/test_soak_gpu.py
-  run tests 100 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_bench.py tests/test_kernels.py \
-    -k "dequant_kernel or small_scale or stress or overlap"
-  run kernels_bench 110 python3 benchmarks/kernels_bench.py --out-dir "$OUT" --timeout 45 --no-sweep
+final)   # the benchmark (both bit widths, naive included), then the GPU tests not yet run
+  run bench 420 python3 -m moe_colab bench --quant both --max-minutes 6.5 \
+    --out "$OUT" --results-dir "$OUT" --name h200
+  run tests 120 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_kernels.py -k "graphs or trusted"
+  tar czf /tmp/results.tar.gz -C "$OUT" --exclude='*.gz' --exclude='benchmarks.*' --exclude=figures . \
+    && mv /tmp/results.tar.gz "$OUT/"
   ;;
 graphs)  # CUDA graphs: their tests, and the decode A/B with and without them
   run tests 100 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_engine_gpu.py \
