@@ -8,6 +8,7 @@ Public names (imported lazily, so ``import moe_colab`` stays fast):
     plan                         moe_colab.planner
     RoutingTrace, record_routing moe_colab.routing
     simulate_cache               moe_colab.simulate
+    graphs                       moe_colab.graphs (the module: graphs.ENABLED switches CUDA graphs)
 
 Reference: Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with
 Offloading", arXiv 2312.17238.
@@ -33,11 +34,16 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
+_SUBMODULES = ("graphs",)
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"moe_colab.{name}")
     raise AttributeError(f"module 'moe_colab' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_PUBLIC))
+    return sorted(list(globals()) + list(_PUBLIC) + list(_SUBMODULES))

@@ -121,3 +121,17 @@ def test_expert_format_forgets_dropped_slots():
     plain = dict(fmt.layout.views(torch.zeros(fmt.layout.nbytes, dtype=torch.uint8)))
     assert torch.equal(fmt.forward(plain, x), first)          # a plain dict works too, without state
     assert len(fmt._slots) == 0
+
+
+def test_cuda_graphs_switch(monkeypatch):
+    """moe_colab.graphs is reachable from the package, off unless asked for, and never captures
+    anything for CPU tensors even when on (the CPU path stays eager)."""
+    import moe_colab
+    from moe_colab.graphs import OneTokenGraphs
+
+    monkeypatch.setattr(moe_colab.graphs, "ENABLED", True)
+    g = OneTokenGraphs()
+    x = torch.randn(1, 8)
+    for _ in range(3):
+        assert torch.equal(g.run("k", lambda t: t * 2, x), x * 2)
+    assert not g.graphs and not g.seen
