@@ -108,7 +108,7 @@ def check(cc, bits, T, dtype, shape, path="auto", **overrides):
             meta = dict(BITS=bits, P=P, G=group_size, BLOCK_N=16, BLOCK_J=64)
             compiled = compile_launch(kernels._dequant_kernel, args, meta, cc)
         else:
-            acc = torch.zeros(T, shape[0], dtype=torch.float32 if cfg["split_k"] > 1 else xc.dtype)  # as kernels.py
+            acc = kernels.fused_accumulator(T, shape[0], cfg, xc.dtype, "cpu")     # as kernels.py
             _, args, meta = kernels._fused_launch(xc, acc, mat, bits, group_size, scale_group, shape, cfg)
             compiled = compile_launch(kernels._fused_kernel, args, meta, cc)
         row["regs"], row["spill_bytes"] = ptxas_usage(compiled)

@@ -208,7 +208,9 @@ def markdown(res: dict) -> str:
           "expert for our rows; pageable, or pinned with --naive-pinned, for naive); measured / bound near 1 "
           "means the copies are the whole cost.",
           "- same tokens as full: share of greedy tokens equal to the full row's; every row computes the same "
-          "weights on the same routing, so anything below 1 is numerical (e.g. split-K atomics) or a bug.", ""]
+          "weights on the same routing, so it should be 1. Runs before the kernels' split-K partial sums were "
+          "added in a fixed order (atomic adds until 2026-11-28) could differ in the last bits, enough to flip "
+          "a greedy near-tie on random weights; after that, below 1 means a bug.", ""]
     return "\n".join(L)
 
 

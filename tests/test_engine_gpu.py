@@ -111,8 +111,8 @@ def test_host_sync_values_and_outputs(gpu_checkpoint, mapped):
 
 def test_cuda_graphs_match_eager(tmp_path):
     """With moe_colab.graphs on, one-token calls replay CUDA graphs from their third call on: the
-    experts of every slot and the attention projections. Same kernels, so the same logits (up to
-    the order of split-K's atomic additions) and the same greedy tokens as eager calls."""
+    experts of every slot and the attention projections. Same kernels (deterministic: split-K's
+    partial sums are added in a fixed order), so the same logits and greedy tokens as eager calls."""
     from moe_colab import graphs
     from moe_colab.quant.format import QuantLinear
 
@@ -138,4 +138,4 @@ def test_cuda_graphs_match_eager(tmp_path):
     a = torch.stack(eager.scores).float()
     b = torch.stack(with_graphs.scores).float()
     assert ((a - b).norm() / a.norm()).item() < 1e-3
-    assert (eager.sequences == with_graphs.sequences).float().mean().item() >= 0.95
+    assert torch.equal(eager.sequences, with_graphs.sequences)

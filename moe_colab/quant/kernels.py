@@ -11,7 +11,8 @@ never writes a 16-bit matrix out (GEMV / split-K style):
           s, z [BLOCK_N]   meta-dequantized scale and zero of that group (8-bit codes inline)
           "fma":  w = q*s - z*s (one FMA per weight); acc[t, n, k] += x[t, k] * w[n, k]   (fp32)
           "dot":  acc[t, n] += s * (x @ q.T - z * sum_k x)    (tensor cores on exact integer codes)
-    split-K programs add their fp32 partial sums atomically.
+    split-K programs each write their fp32 partial sums; torch adds them in a fixed order after
+    the kernel (no atomics: the same input always gives the same bits).
 
 "fma" runs on any GPU (T4 included: no tensor cores, no bf16 math; T = 1 is a plain 2-D GEMV
 whose partial sums stay in the codes' register layout; T = 2..16 add a token axis). "dot" needs
@@ -73,10 +74,10 @@ if triton is not None:
 
     @triton.jit
     def _fused_kernel(x_ptr, out_ptr, qa_ptr, qb_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,
-                      T, N, K, stride_xt, stride_xk, stride_ot, stride_on, stride_qa, stride_qb,
+                      T, N, K, stride_xt, stride_xk, stride_os, stride_ot, stride_on, stride_qa, stride_qb,
                       SG, groups_per_split,
                       BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN] output rows
@@ -136,12 +137,10 @@ if triton is not None:
                 acc = tl.sum(acc2, axis=1)[None, :]               # [1, BN]
             else:
                 acc = tl.sum(acc3, axis=2)                        # [BT, BN]
-        out = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
+        # split-K: program pid_k writes its own fp32 partial sums, out[pid_k] (stride_os = 0 without)
+        out = out_ptr + pid_k * stride_os + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
         mask = mask_t[:, None] & mask_n[None, :]
-        if ATOMIC:  # split-K: partial sums of fp32 into a zeroed buffer
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dequant_kernel(w_ptr, qa_ptr, qb_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,
@@ -311,16 +310,26 @@ def launch_config(T, shape, bits, group_size, dtype, cc, sms, *, path="auto", sp
 _launch_config = functools.lru_cache(maxsize=4096)(launch_config)   # pure: same shapes, same answer
 
 
+def fused_accumulator(T: int, n: int, cfg: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """Where the fused kernel writes: fp32 partial sums [split_k, T, n] with split-K, else [T, n]
+    in ``dtype`` (x's, or fp32 for bf16 below sm_80)."""
+    if cfg["split_k"] > 1:
+        return torch.empty(cfg["split_k"], T, n, device=device, dtype=torch.float32)
+    return torch.empty(T, n, device=device, dtype=dtype)
+
+
 def _fused_launch(xc, acc, mat, bits, group_size, scale_group, shape, cfg):
-    """(grid, args, meta) of one fused-kernel launch; acc [T, out] receives the result."""
+    """(grid, args, meta) of one fused-kernel launch; acc [T, out] (or [split_k, T, out] of fp32
+    partial sums) receives the result."""
     n, k = shape
     P = PLANES[bits]
     qa, qb = _code_args(mat, bits)
     ngp = (k // P) // group_size
+    s_os, s_ot, s_on = acc.stride() if acc.dim() == 3 else (0, *acc.stride())
     args = (xc, acc, qa, qb, *_meta_args(mat), xc.shape[0], n, k, xc.stride(0), xc.stride(1),
-            acc.stride(0), acc.stride(1), qa.stride(0), qb.stride(0), scale_group, ngp // cfg["split_k"])
+            s_os, s_ot, s_on, qa.stride(0), qb.stride(0), scale_group, ngp // cfg["split_k"])
     meta = dict(BITS=bits, P=P, G=group_size, BLOCK_T=cfg["block_t"], BLOCK_N=cfg["block_n"],
-                USE_DOT=cfg["path"] == "dot", ATOMIC=cfg["split_k"] > 1, num_warps=cfg["num_warps"])
+                USE_DOT=cfg["path"] == "dot", num_warps=cfg["num_warps"])
     return (-(-n // cfg["block_n"]), cfg["split_k"]), args, meta
 
 
@@ -355,12 +364,14 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
             w = dequantize_triton(mat, bits, group_size, scale_group, (n, k), xc.dtype, (r0, r1), False)
             y[:, r0:r1] = F.linear(xc, w)
         return y.view(*lead, n)
-    if cfg["split_k"] > 1:      # partial sums are added atomically in fp32
-        acc = torch.zeros(T, n, device=x.device, dtype=torch.float32)
-    else:                       # the kernel writes x's dtype, or fp32 for bf16 below sm_80
-        acc = y if xc.dtype == y.dtype else torch.empty(T, n, device=x.device, dtype=xc.dtype)
+    if cfg["split_k"] == 1 and xc.dtype == y.dtype:
+        acc = y                 # the kernel writes the result in place
+    else:
+        acc = fused_accumulator(T, n, cfg, xc.dtype, x.device)
     grid, args, meta = _fused_launch(xc, acc, mat, bits, group_size, scale_group, (n, k), cfg)
     _fused_kernel[grid](*args, **meta)
+    if acc.dim() == 3:          # split-K: add the partial sums, always in the same order
+        acc = acc.sum(dim=0)
     if acc is not y:
         y.copy_(acc)
     return y.view(*lead, n)
