@@ -4,23 +4,24 @@ Builds Mixtral-8x7B's shapes with synthetic paper-2bit experts once (as `python 
 bench` does), then for each variant of the engine's host synchronisation decodes the same
 prompt with the rows full / no_prefetch / no_cache, and profiles a few tokens of the full row:
 
-    legacy   the MoE block as of commit 00605bc (torch.cat of counts and guess: two
-             device-to-device memcpys per layer, and argsort's), read from .diag/ if present
     copy     the current block, host values gathered by kernels, then one small D2H copy
     mapped   the current block, kernels write straight into mapped pinned host memory
     nographs mapped, with moe_colab.graphs switched off (every one-token call eager)
 
+(copy and mapped run with moe_colab.graphs on.)
+
 The trace analysis prints, per decoded token: memcpys on the compute stream (count, mean and
 max duration), the copy stream's busy share, and how long the host waited in synchronisations.
-Chrome traces (gzip) go to --out. GPU only.
+Chrome traces (gzip) go to --out. GPU only (--scale tiny runs it on a CPU, as a smoke test).
+benchmarks/results/diag/decode_diag_legacy.json came from this script's first version
+(commit 745533b), which also timed the MoE block of commit 00605bc.
 
-    python benchmarks/decode_diag.py --out DIR [--variants legacy,copy,mapped] [--tokens 48]
+    python benchmarks/decode_diag.py --out DIR [--variants copy,mapped,nographs] [--tokens 64]
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import statistics
 import time
@@ -28,40 +29,23 @@ from pathlib import Path
 
 import torch
 
-from moe_colab import moe_block
 from moe_colab.bench import configure
 from moe_colab.bench_measure import timed_run
 from moe_colab.bench_routing import make_routing, moe_blocks
 from moe_colab.bench_synthetic import bench_config, build_offloaded, make_store
 from moe_colab.quant.config import resolve_quant
 
-CURRENT_FORWARD = moe_block.OffloadedMoE.forward
+VARIANTS = ("copy", "mapped", "nographs")
 
 
-def legacy_forward():
-    path = Path(".diag/legacy_moe_block.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("legacy_moe_block", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.OffloadedMoE.forward
-
-
-def set_variant(model, name: str) -> bool:
+def set_variant(model, name: str) -> None:
     from moe_colab import graphs
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
     cache = model.moe_cache
     cache._host_ints = None                      # rebuilt on the next sync
     cache.mapped_sync = name in ("mapped", "nographs")
     graphs.ENABLED = name != "nographs"
-    if name == "legacy":
-        fwd = legacy_forward()
-        if fwd is None:
-            return False
-        moe_block.OffloadedMoE.forward = fwd
-    else:
-        moe_block.OffloadedMoE.forward = CURRENT_FORWARD
-    return True
 
 
 def annotate(model):
@@ -154,7 +138,7 @@ def analyse(trace_path: Path, tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="diag_out")
-    p.add_argument("--variants", default="legacy,copy,mapped")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rows", default="full,no_prefetch,no_cache")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
@@ -186,7 +170,9 @@ def main() -> None:
     def reset():
         model.moe_cache.clear()
         replay.reset()
-    variants = [v for v in a.variants.split(",") if set_variant(model, v)]
+    variants = a.variants.split(",")
+    for v in variants:
+        set_variant(model, v)
     rows = a.rows.split(",")
     results = {v: {r: {"decode_tok_s": []} for r in rows} for v in variants}
     with torch.no_grad():
@@ -232,7 +218,6 @@ def main() -> None:
                 results[variant]["trace"] = {"error": f"{type(e).__name__}: {e}"}
             print(f"{variant:7s} trace {json.dumps(results[variant]['trace'], indent=1)}", flush=True)
             (out / "decode_diag.json").write_text(json.dumps(results, indent=1))
-    moe_block.OffloadedMoE.forward = CURRENT_FORWARD
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,39 +31,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from moe_colab.bench_measure import machine_info, timed_run
+from moe_colab.bench_measure import PeakRSS, machine_info, timed_run
 from moe_colab.bench_synthetic import bench_config, build_offloaded, make_store
 from moe_colab.planner import COLAB_T4, GiB, plan
 from moe_colab.quant.config import resolve_quant
-
-
-class Peaks:
-    """Peak device usage (total - free) and resident host memory, sampled in a thread."""
-
-    def __init__(self, device, interval: float = 0.02):
-        self.device, self.interval = device, interval
-        self.device_peak = self.host_peak = 0
-        self._stop, self._proc = threading.Event(), psutil.Process()
-
-    def sample(self) -> None:
-        free, total = torch.cuda.mem_get_info(self.device)
-        self.device_peak = max(self.device_peak, total - free)
-        self.host_peak = max(self.host_peak, self._proc.memory_info().rss)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.sample()
 
 
 def check(qname: str, device, decode: int) -> dict:
@@ -79,7 +49,7 @@ def check(qname: str, device, decode: int) -> dict:
     cfg = bench_config("full")
     qcfg = resolve_quant(qname)
     t0 = time.perf_counter()
-    with Peaks(device) as peaks:
+    with PeakRSS(interval=0.02, device=device) as peaks:
         store = make_store(cfg, qcfg, device, torch.float16, 0, device_first=p.experts_on_device if p.swap else 0)
         model = build_offloaded(cfg, qcfg, store, device=device, dtype=torch.float16,
                                 experts_on_device=p.experts_on_device, prefetch=2)
@@ -95,7 +65,7 @@ def check(qname: str, device, decode: int) -> dict:
          "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
          "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
          "device_context_bytes": base_device, "device_process_peak_bytes": peaks.device_peak,
-         "host_rss_before_bytes": base_host, "host_rss_peak_bytes": peaks.host_peak}
+         "host_rss_before_bytes": base_host, "host_rss_peak_bytes": peaks.peak}
     del model, store
     torch.cuda.empty_cache()
     return r

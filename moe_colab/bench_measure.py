@@ -107,15 +107,23 @@ def bandwidth(device, sizes: list[int], *, pinned: bool, reps: int = 5) -> dict[
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread; ``peak`` is the largest seen (bytes)."""
+    """Samples this process's resident memory in a thread; ``peak`` is the largest seen (bytes).
+    With a CUDA ``device`` it also samples the device's used memory (total - free: the CUDA context
+    and the allocator's reserve count) into ``device_peak``."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, 0
+    def __init__(self, interval: float = 0.05, device=None):
+        self.interval, self.peak, self.device_peak, self.device = interval, 0, 0, device
         self._proc, self._stop = psutil.Process(), threading.Event()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        if self.device is not None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.device_peak = max(self.device_peak, total - free)
 
     def _loop(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -126,7 +134,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.sample()
 
 
 def _kv_name(model) -> str:

@@ -59,17 +59,16 @@ class OffloadConfig:
     guess_from: str = "auto"     # which hidden state feeds the next router: see prefetch.py
 
     def validate(self, num_experts: int) -> None:
-        if isinstance(self.experts_on_device, bool) or not isinstance(self.experts_on_device, int):
-            raise TypeError(f"experts_on_device must be an int, got {self.experts_on_device!r}")
-        if not 1 <= self.experts_on_device <= num_experts:
-            raise ValueError(
-                f"experts_on_device={self.experts_on_device} is outside 1..{num_experts} "
-                f"(this model has {num_experts} experts per layer)")
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int):
-            raise TypeError(f"prefetch must be an int, got {self.prefetch!r}")
-        if not 0 <= self.prefetch <= num_experts:
-            raise ValueError(
-                f"prefetch={self.prefetch} is outside 0..{num_experts} "
-                f"(this model has {num_experts} experts per layer)")
+        _check_count("experts_on_device", self.experts_on_device, 1, num_experts)
+        _check_count("prefetch", self.prefetch, 0, num_experts)
         if self.guess_from not in ("auto", "before", "after"):
             raise ValueError(f"guess_from must be 'auto', 'before' or 'after', got {self.guess_from!r}")
+
+
+def _check_count(name: str, value, lowest: int, num_experts: int) -> None:
+    """An int in lowest..num_experts, else TypeError / ValueError naming the model's expert count."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not lowest <= value <= num_experts:
+        raise ValueError(f"{name}={value} is outside {lowest}..{num_experts} "
+                         f"(this model has {num_experts} experts per layer)")

@@ -39,13 +39,9 @@ class TensorSpec:
 
 
 class Views(dict):
-    """name -> typed view into one expert buffer. A dict that can be weakly referenced, so that
-    per-slot state kept by a format (checked matrices, CUDA graphs) dies with its slot. Hashed
-    and compared by identity: one slot's views, not their contents, key that state."""
-    __slots__ = ("__weakref__",)
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-    __ne__ = object.__ne__
+    """name -> typed view into one expert buffer. ``cached`` holds what a format derives from
+    these views once (checked matrices, CUDA graphs): it lives and dies with the slot's views."""
+    __slots__ = ("cached",)
 
 
 class PackedLayout:

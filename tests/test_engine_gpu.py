@@ -127,8 +127,8 @@ def test_cuda_graphs_match_eager(tmp_path):
     try:
         graphs.ENABLED = True
         with_graphs = model.generate(ids, **kw)
-        fmt = model.moe_cache.store.format
-        experts = sum(len(g.graphs) for _, g in fmt._slots.values())
+        slot_views = [s.views for lc in model.moe_cache.layers for s in lc.slots]
+        experts = sum(len(v.cached[1].graphs) for v in slot_views if getattr(v, "cached", None))
         linears = sum(len(m._graphs.graphs) for m in model.modules() if isinstance(m, QuantLinear))
         graphs.ENABLED = False
         eager = model.generate(ids, **kw)

@@ -14,7 +14,6 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.2-3.3.
 from __future__ import annotations
 
 import importlib
-import weakref
 import warnings
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graphs import OneTokenGraphs
-from ..storage import DenseExpertFormat, PackedLayout
+from ..storage import DenseExpertFormat, PackedLayout, Views
 from .config import QuantConfig
 from .matrix import quantize_matrix
 from .packing import quant_linear_torch, tensor_shapes
@@ -69,9 +68,6 @@ class QuantizedExpertFormat:
             for t, (shape, dt) in tensor_shapes(bits, self.shapes[name], group_size, scale_group).items():
                 entries.append((f"{name}.{t}", shape, dt))
         self.layout = PackedLayout(entries)
-        # Per slot (keyed by its views, weakly: a dropped cache frees its slots): the matrices,
-        # checked once, and the slot's CUDA graphs. See forward.
-        self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def matrices(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """{"w1": {"q2": ..., "s_q": ...}, ...} from the flat views of one buffer."""
@@ -93,14 +89,14 @@ class QuantizedExpertFormat:
     def forward(self, views, x):
         # A cache slot passes the same views every time: split and check them once (the per-call
         # checks and dict building cost more host time than a decode kernel takes), and replay
-        # the slot's CUDA graphs for one-token calls where they are on (moe_colab.graphs).
-        try:
-            state = self._slots.get(views)
-        except TypeError:                  # a plain dict (not storage.Views): no per-slot state
-            return self._forward(self.matrices(views), x, trusted=False)
+        # the slot's CUDA graphs for one-token calls where they are on (moe_colab.graphs). That
+        # state is kept on the views (storage.Views), so it goes when the slot goes.
+        state = getattr(views, "cached", None)
         if state is None:
-            self._slots[views] = (self.matrices(views), OneTokenGraphs())
-            return self._forward(self._slots[views][0], x, trusted=False)
+            m = self.matrices(views)
+            if isinstance(views, Views):
+                views.cached = (m, OneTokenGraphs())
+            return self._forward(m, x, trusted=False)
         m, graphs = state
         return graphs.run("expert", lambda xs: self._forward(m, xs, trusted=True), x)
 
