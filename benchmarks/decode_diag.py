@@ -6,9 +6,9 @@ prompt with the rows full / no_prefetch / no_cache, and profiles a few tokens of
 
     copy     the current block, host values gathered by kernels, then one small D2H copy
     mapped   the current block, kernels write straight into mapped pinned host memory
-    nographs mapped, with moe_colab.graphs switched off (every one-token call eager)
+    nographs mapped, with moe_colab.engine.graphs switched off (every one-token call eager)
 
-(copy and mapped run with moe_colab.graphs on.)
+(copy and mapped run with moe_colab.engine.graphs on.)
 
 The trace analysis prints, per decoded token: memcpys on the compute stream (count, mean and
 max duration), the copy stream's busy share, and how long the host waited in synchronisations.
@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from moe_colab.bench import configure
-from moe_colab.bench_measure import timed_run
-from moe_colab.bench_routing import make_routing, moe_blocks
-from moe_colab.bench_synthetic import bench_config, build_offloaded, make_store
+from moe_colab.bench.run import configure
+from moe_colab.bench.measure import timed_run
+from moe_colab.bench.replay import make_routing, moe_blocks
+from moe_colab.bench.synthetic import bench_config, build_offloaded, make_store
 from moe_colab.quant.config import resolve_quant
 
 VARIANTS = ("copy", "mapped", "nographs")
 
 
 def set_variant(model, name: str) -> None:
-    from moe_colab import graphs
+    from moe_colab.engine import graphs
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
     cache = model.moe_cache

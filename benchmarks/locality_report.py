@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from svg_chart import PALETTE, line_chart  # noqa: E402
 
 from moe_colab import RoutingTrace, record_routing  # noqa: E402
-from moe_colab.locality import (CATEGORIES, category_expert_counts, chance_reuse, expert_load,  # noqa: E402
+from moe_colab.analysis.locality import (CATEGORIES, category_expert_counts, chance_reuse, expert_load,  # noqa: E402
                                 reuse_probability, token_categories)
-from moe_colab.prefetch_recall import guess_experts, prefetch_recall  # noqa: E402
-from moe_colab.simulate import POLICIES, hit_ratio_table, simulate_cache, simulate_prefetch  # noqa: E402
+from moe_colab.analysis.prefetch_recall import guess_experts, prefetch_recall  # noqa: E402
+from moe_colab.analysis.simulate import POLICIES, hit_ratio_table, simulate_cache, simulate_prefetch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GREY = "#7f7f7f"
@@ -70,7 +70,7 @@ def load(args):
 
 def heldout_text(max_chars: int) -> tuple[str, list[str]]:
     """The start of tiny's held-out split (stdlib files it never trained on), whole files joined."""
-    from moe_colab.train_tiny import stdlib_files
+    from moe_colab.tiny.train import stdlib_files
     _, heldout, root = stdlib_files()
     parts, names = [], []
     for path in heldout:
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     (figs / "locality_lru_per_layer.svg").write_text(line_chart(lru_layers, title="LRU hit ratio per layer (paper Fig. 2 left)",
                                                        xlabel="layer", ylabel="hit ratio"))
     md += ["## 4. Cache hit ratio vs cache size\n",
-           "Each layer's cache replays the trace token by token (`moe_colab.simulate`: a token's experts "
+           "Each layer's cache replays the trace token by token (`moe_colab.analysis.simulate`: a token's experts "
            "are one request; an expert it still needs is never evicted). `belady` knows the future: no "
            "policy can beat it. `lru, tokens shuffled` destroys the token order (same loads): the gap to "
            "`lru` is what temporal locality buys. `lru + prefetch p` loads layer l's p best guesses "

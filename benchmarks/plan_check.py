@@ -31,8 +31,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from moe_colab.bench_measure import PeakRSS, machine_info, timed_run
-from moe_colab.bench_synthetic import bench_config, build_offloaded, make_store
+from moe_colab.bench.measure import PeakRSS, machine_info, timed_run
+from moe_colab.bench.synthetic import bench_config, build_offloaded, make_store
 from moe_colab.planner import COLAB_T4, GiB, plan
 from moe_colab.quant.config import resolve_quant
 

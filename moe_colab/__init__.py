@@ -6,9 +6,9 @@ Public names (imported lazily, so ``import moe_colab`` stays fast):
     quantize, QuantConfig        moe_colab.quant
     estimate_size                moe_colab.quant.size
     plan                         moe_colab.planner
-    RoutingTrace, record_routing moe_colab.routing
-    simulate_cache               moe_colab.simulate
-    graphs                       moe_colab.graphs (the module: graphs.ENABLED switches CUDA graphs)
+    RoutingTrace, record_routing moe_colab.analysis.routing
+    simulate_cache               moe_colab.analysis.simulate
+    graphs                       moe_colab.engine.graphs (the module: graphs.ENABLED switches CUDA graphs)
 
 Reference: Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with
 Offloading", arXiv 2312.17238.
@@ -22,13 +22,13 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_model": "moe_colab.model",
     "model_path": "moe_colab.model",
-    "quantize": "moe_colab.quant.quantize",
+    "quantize": "moe_colab.convert.quantize",
     "QuantConfig": "moe_colab.quant.config",
     "estimate_size": "moe_colab.quant.size",
     "plan": "moe_colab.planner",
-    "RoutingTrace": "moe_colab.routing",
-    "record_routing": "moe_colab.routing",
-    "simulate_cache": "moe_colab.simulate",
+    "RoutingTrace": "moe_colab.analysis.routing",
+    "record_routing": "moe_colab.analysis.routing",
+    "simulate_cache": "moe_colab.analysis.simulate",
 }
 
 __all__ = sorted(_PUBLIC)

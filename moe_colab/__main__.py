@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(directory))
     quant = args.quant
     if quant is not None:
-        from .quant.quantize import parse_quant_arg
+        from .convert.quantize import parse_quant_arg
         quant = parse_quant_arg(quant)
     model = load_model(directory, device=device, dtype=dtype, experts_on_device=args.experts_on_device,
                        prefetch=args.prefetch, quant=quant, swap=args.swap)
@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant.quantize import main_quantize
+    from .convert.quantize import main_quantize
 
     return main_quantize(args)
 
@@ -92,7 +92,7 @@ def cmd_quantize(args) -> int:
 def tokenizer_source(directory):
     """A quantized directory may hold no tokenizer: then use the checkpoint it was made from."""
     from .checkpoint import resolve
-    from .quant.manifest import MANIFEST, read_manifest
+    from .convert.manifest import MANIFEST, read_manifest
 
     has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
                                                             "tokenizer_config.json"))
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quantize", help="quantize a checkpoint once, shard by shard (resumable)")
-    from .quant.quantize import add_quantize_arguments
+    from .convert.quantize import add_quantize_arguments
     add_quantize_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         # argparse's REMAINDER refuses options that start with "--": hand them over whole.
-        from .bench import main as bench_main
+        from .bench.run import main as bench_main
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

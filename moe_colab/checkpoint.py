@@ -22,7 +22,8 @@ import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PACKAGE_MODELS = Path(__file__).parent / "models"
+# Models shipped inside the package, by name.
+BUILTIN_MODELS = {"tiny": Path(__file__).parent / "tiny" / "weights"}
 
 
 class CheckpointError(ValueError):
@@ -31,8 +32,8 @@ class CheckpointError(ValueError):
 
 def builtin_model_path(name: str) -> Path | None:
     """Path of a model shipped inside the package (``"tiny"``), else None."""
-    p = PACKAGE_MODELS / name
-    return p if (p / "config.json").is_file() else None
+    p = BUILTIN_MODELS.get(name)
+    return p if p is not None and (p / "config.json").is_file() else None
 
 
 def resolve(path_or_id: str | os.PathLike, *, allow_download: bool = True) -> Path:

@@ -19,7 +19,7 @@ MODEL_PRESETS: dict[str, dict] = {
         num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5,
         rope_theta=1e6, tie_word_embeddings=False,
     ),
-    # The built-in model moe_colab/models/tiny (train_tiny.py): 9.1M parameters, trained on the stdlib.
+    # The built-in model moe_colab/tiny/weights (moe_colab/tiny/train.py): 9.1M parameters, trained on the stdlib.
     "tiny": dict(
         vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,

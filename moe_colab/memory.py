@@ -24,7 +24,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def expert_bytes(config, qcfg, dtype: torch.dtype) -> int:
     """Bytes of one packed expert: the exact layout the engine copies."""
-    from .storage import DenseExpertFormat
+    from .engine.storage import DenseExpertFormat
     if qcfg is None or qcfg.expert_bits == 16:
         return DenseExpertFormat(config.hidden_size, config.intermediate_size, dtype).layout.nbytes
     from .quant.format import QuantizedExpertFormat

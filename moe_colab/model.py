@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .cache import ExpertCache
+from .engine.cache import ExpertCache
 from .checkpoint import builtin_model_path, iter_tensors, read_config_dict, resolve, shard_map
 from .config import OffloadConfig
-from .moe_block import OffloadedMoE
-from .prefetch import Speculator
-from .storage import DenseExpertFormat, ExpertStore
+from .engine.moe_block import OffloadedMoE
+from .engine.prefetch import Speculator
+from .engine.storage import DenseExpertFormat, ExpertStore
 
 
 class OffloadedModelMixin:
@@ -162,7 +162,7 @@ def _expert_format(adapter, config, qcfg, dtype):
 def _load_quantized_dir(directory, *, device, experts_on_device, prefetch, quant, dtype, guess_from,
                         swap, progress):
     """A directory written by moe_colab.quantize: packed expert buffers go straight to storage."""
-    from .quant import manifest as qm
+    from .convert import manifest as qm
     from .quant.format import attach_quant_linears_
 
     manifest, qcfg = qm.open_quantized(directory, quant)     # raises on a different scheme
@@ -188,7 +188,7 @@ def _load_quantized_dir(directory, *, device, experts_on_device, prefetch, quant
 
 
 def _is_quantized_dir(directory: Path) -> bool:
-    from .quant.manifest import MANIFEST   # a light import: no hqq
+    from .convert.manifest import MANIFEST   # a light import: no hqq
     return (Path(directory) / MANIFEST).is_file()
 
 

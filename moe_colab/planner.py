@@ -204,10 +204,10 @@ def _describe_model(model_or_config, quant):
         path = Path(hf_hub_download(name, "config.json")).parent
     elif not path.is_dir() and name in HUB_ALIASES.values():
         return name, mixtral_config("mixtral-8x7b"), resolve_quant(quant), None, False
-    from .quant.manifest import MANIFEST
+    from .convert.manifest import MANIFEST
     if (path / MANIFEST).is_file():                              # our quantized directory
         from .quant.config import QuantConfig
-        from .quant.manifest import model_config
+        from .convert.manifest import model_config
         manifest = json.loads((path / MANIFEST).read_text())
         qcfg = QuantConfig.from_dict(manifest["scheme"])
         wanted = resolve_quant(quant)

@@ -14,7 +14,7 @@ from transformers import MixtralForCausalLM
 import moe_colab
 from conftest import write_checkpoint
 from moe_colab.checkpoint import iter_tensors, shard_map
-from moe_colab.quant.authors_format import (authors_source, authors_to_dense, convert_authors_checkpoint,
+from moe_colab.convert.authors import (authors_source, authors_to_dense, convert_authors_checkpoint,
                                             dequantize_hqq01)
 from test_hub import assert_same_quantization
 

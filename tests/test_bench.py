@@ -1,4 +1,4 @@
-"""The benchmark (moe_colab.bench): the whole path on CPU at tiny scale, and its parts.
+"""The benchmark (moe_colab.bench.run): the whole path on CPU at tiny scale, and its parts.
 
 The CPU run is the real code path: synthetic quantized experts in an ExpertStore, the engine's
 OffloadedMoE/ExpertCache rows, accelerate's offload hooks (to disk on a CPU-only machine), the
@@ -13,10 +13,10 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from moe_colab import bench
-from moe_colab.bench_routing import (ReplayRouting, chance_overlap, consecutive_overlap, make_routing,
+from moe_colab.bench import run as bench
+from moe_colab.bench.replay import (ReplayRouting, chance_overlap, consecutive_overlap, make_routing,
                                      synthetic_experts, table5_overlap)
-from moe_colab.bench_synthetic import bench_config, build_offloaded, fill_quant_, generator, make_store
+from moe_colab.bench.synthetic import bench_config, build_offloaded, fill_quant_, generator, make_store
 from moe_colab.quant.config import resolve_quant
 from moe_colab.quant.packing import dequantize, tensor_shapes
 
@@ -75,7 +75,7 @@ def test_cpu_run_reports(cpu_run):
 
 
 def test_a_failing_row_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
-    import moe_colab.bench_naive as bn
+    import moe_colab.bench.naive as bn
 
     def broken(*a, **k):
         raise RuntimeError("injected failure")
@@ -148,7 +148,7 @@ def test_replay_walks_the_trace_and_guesses_the_next_layer():
 
 
 def test_trace_file_routing_tiles_layers(tmp_path):
-    from moe_colab.routing import RoutingTrace
+    from moe_colab.analysis.routing import RoutingTrace
     e = synthetic_experts([0.6, 0.3], 50, 8, 2, seed=5)
     RoutingTrace(e, num_experts=8).save(tmp_path / "t.safetensors")
     r = make_routing(f"trace:{tmp_path / 't.safetensors'}", num_layers=5, num_experts=8, top_k=2, tokens=40,
@@ -174,7 +174,7 @@ def test_synthetic_weights_have_a_sane_scale(bits, group, scale_group):
 
 def test_offloaded_model_matches_naive_model_logits():
     """Two assemblies of the same synthetic bytes (engine cache vs accelerate on disk) agree."""
-    from moe_colab.bench_naive import build_naive
+    from moe_colab.bench.naive import build_naive
 
     cfg, q = bench_config("tiny", layers=3), resolve_quant("paper-2bit")
     store = make_store(cfg, q, "cpu", torch.float32, seed=7)
@@ -235,7 +235,7 @@ def test_swap_row_on_cpu(tmp_path):
 
 def test_replay_reset_repeats_prompt_chunk_guesses():
     """Every row replays the same routing: after reset() a prompt chunk gets the same guesses."""
-    from moe_colab.bench_routing import make_routing
+    from moe_colab.bench.replay import make_routing
     r = make_routing("synthetic:0.6", num_layers=3, num_experts=8, top_k=2, tokens=40, recall=0.5,
                      count=2, device="cpu")
     x = torch.zeros(16, 4)

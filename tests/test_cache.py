@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_colab.cache import ExpertCache
-from moe_colab.storage import DenseExpertFormat, ExpertStore
+from moe_colab.engine.cache import ExpertCache
+from moe_colab.engine.storage import DenseExpertFormat, ExpertStore
 
 H, I, E = 8, 16, 6
 

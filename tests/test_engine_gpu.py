@@ -110,10 +110,10 @@ def test_host_sync_values_and_outputs(gpu_checkpoint, mapped):
 
 
 def test_cuda_graphs_match_eager(tmp_path):
-    """With moe_colab.graphs on, one-token calls replay CUDA graphs from their third call on: the
+    """With moe_colab.engine.graphs on, one-token calls replay CUDA graphs from their third call on: the
     experts of every slot and the attention projections. Same kernels (deterministic: split-K's
     partial sums are added in a fixed order), so the same logits and greedy tokens as eager calls."""
-    from moe_colab import graphs
+    from moe_colab.engine import graphs
     from moe_colab.quant.format import QuantLinear
 
     ck = write_checkpoint(tmp_path / "ck", layers=2, experts=8, top_k=2, heads=8, kv_heads=2, hidden=512,

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import moe_colab
 from conftest import write_checkpoint
 from moe_colab.checkpoint import CheckpointError
-from moe_colab.hub import STATE, download_quantized, load_from_hub, quantize_from_hub
-from moe_colab.quant.manifest import MANIFEST
+from moe_colab.convert.hub import STATE, download_quantized, load_from_hub, quantize_from_hub
+from moe_colab.convert.manifest import MANIFEST
 
 QUANT = "paper-2bit"
 
@@ -128,7 +128,7 @@ def test_a_disconnect_resumes_without_redoing_finished_shards(ckpt, reference, t
 def test_an_interrupt_inside_a_shard_redoes_only_that_shard(ckpt, reference, tmp_path, monkeypatch):
     """A KeyboardInterrupt while a shard is being quantized: that shard is downloaded again, the
     half-written layer buffers on disk are consistent, and the result is still exact."""
-    import moe_colab.hub as hub_module
+    import moe_colab.convert.hub as hub_module
     shards = shards_of(ckpt)
     calls = {"n": 0}
     real = hub_module._quantize_shard

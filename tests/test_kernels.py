@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from moe_colab.quant import kernels, packing
-from moe_colab.storage import PackedLayout
+from moe_colab.engine.storage import PackedLayout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -15,8 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from moe_colab import _nbtools
-from moe_colab.runtime import COLAB_GPU_MENU, Runtime, describe
+from tools import nbbuild as _nbtools
+from moe_colab.notebook.runtime import COLAB_GPU_MENU, Runtime, describe
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -80,7 +80,7 @@ def test_notebook_skeleton(path):
 
 
 def test_notebooks_match_their_sources():
-    assert _nbtools.main(["--check", "--dir", str(NOTEBOOKS)]) == 0, "run: python -m moe_colab._nbtools"
+    assert _nbtools.main(["--check", "--dir", str(NOTEBOOKS)]) == 0, "run: python -m tools.nbbuild"
     assert sorted(p.stem for p in _nbtools.sources(NOTEBOOKS)) == [p.stem for p in PATHS]
 
 
@@ -149,7 +149,7 @@ def test_runtime_tells_colab_cpu_users_the_menu_path():
 
 def test_runtime_falls_back_to_tiny_without_gpu(monkeypatch):
     import torch
-    from moe_colab.runtime import check_runtime
+    from moe_colab.notebook.runtime import check_runtime
     monkeypatch.delenv("MOE_COLAB_MODEL", raising=False)
     rt = check_runtime(True, verbose=False)
     assert rt.real_mixtral == torch.cuda.is_available()
@@ -159,7 +159,7 @@ def test_runtime_falls_back_to_tiny_without_gpu(monkeypatch):
 
 
 def test_runtime_model_override_and_load_kwargs(monkeypatch, tmp_path):
-    from moe_colab.runtime import check_runtime
+    from moe_colab.notebook.runtime import check_runtime
     monkeypatch.setenv("MOE_COLAB_MODEL", str(tmp_path))
     rt = check_runtime(False, verbose=False)
     assert rt.model == str(tmp_path)

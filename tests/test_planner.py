@@ -237,7 +237,7 @@ def test_expert_store_pins_exact_sizes():
     """storage.pinned_empty page-locks exactly what it asks for (cudaHostRegister), so the
     planner counts rows * expert_bytes, not torch's power of two."""
     import psutil
-    from moe_colab.storage import pinned_empty
+    from moe_colab.engine.storage import pinned_empty
     torch.cuda.init()
     proc = psutil.Process()
     n = 129 * 2**20

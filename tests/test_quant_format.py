@@ -8,7 +8,7 @@ from moe_colab.quant.config import QuantConfig
 from moe_colab.quant.format import QuantizedExpertFormat, QuantLinear, expert_format, quantize_trunk_
 from moe_colab.quant.matrix import quantize_matrix
 from moe_colab.quant.packing import dequantize
-from moe_colab.storage import DenseExpertFormat, ExpertStore
+from moe_colab.engine.storage import DenseExpertFormat, ExpertStore
 
 H, I = 64, 128
 
@@ -126,12 +126,12 @@ def test_expert_format_forgets_dropped_slots():
 
 
 def test_cuda_graphs_switch(monkeypatch):
-    """moe_colab.graphs is reachable from the package, off unless asked for, and never captures
+    """moe_colab.engine.graphs is reachable from the package, off unless asked for, and never captures
     anything for CPU tensors even when on (the CPU path stays eager)."""
     import moe_colab
-    from moe_colab.graphs import OneTokenGraphs
+    from moe_colab.engine.graphs import OneTokenGraphs
 
-    monkeypatch.setattr(moe_colab.graphs, "ENABLED", True)
+    monkeypatch.setattr(moe_colab.engine.graphs, "ENABLED", True)
     g = OneTokenGraphs()
     x = torch.randn(1, 8)
     for _ in range(3):

@@ -9,7 +9,7 @@ import torch
 import moe_colab
 from conftest import write_checkpoint
 from moe_colab.checkpoint import CheckpointError
-from moe_colab.quant import manifest as qm
+from moe_colab.convert import manifest as qm
 from moe_colab.quant.config import QuantConfig
 from moe_colab.quant.experts import model_from_quantized_dir, quantize_model_
 
@@ -169,7 +169,7 @@ def test_16_bit_experts_and_3_bit_attention(ckpt, tmp_path):
 
 def test_cli_entry_point(ckpt, tmp_path, capsys):
     import argparse
-    from moe_colab.quant.quantize import add_quantize_arguments, main_quantize
+    from moe_colab.convert.quantize import add_quantize_arguments, main_quantize
     p = argparse.ArgumentParser()
     add_quantize_arguments(p)
     args = p.parse_args([str(ckpt), str(tmp_path / "q"), "--quant", "16,2", "--device", "cpu", "--no-progress"])

@@ -11,9 +11,9 @@ from transformers import MixtralForCausalLM
 import moe_colab
 from conftest import write_checkpoint
 from moe_colab import RoutingTrace, record_routing
-from moe_colab.locality import (category_expert_counts, chance_reuse, classify_piece, expert_load,
+from moe_colab.analysis.locality import (category_expert_counts, chance_reuse, classify_piece, expert_load,
                                 reuse_probability, token_categories)
-from moe_colab.prefetch_recall import guess_experts, prefetch_recall
+from moe_colab.analysis.prefetch_recall import guess_experts, prefetch_recall
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_token_categories_follow_python_syntax():
 def test_category_expert_counts_by_hand():
     table = category_expert_counts(HAND, ["keyword", "identifier", "keyword", "whitespace"])
     assert table.shape == (1, 8, 4)
-    names = moe_colab.locality.CATEGORIES
+    names = moe_colab.analysis.locality.CATEGORIES
     assert table[0, names.index("keyword")].tolist() == [1, 1, 1, 1]     # tokens {0,1} and {2,3}
     assert table[0, names.index("identifier")].tolist() == [0, 1, 1, 0]
     assert table[0, names.index("whitespace")].tolist() == [1, 1, 0, 0]
@@ -254,7 +254,7 @@ def test_recall_arguments_are_checked(model):
 def decode_and_simulate(ckpt, device, dtype, cache_size, prefetch, source):
     """Decode from a one-token prompt (one token per forward, as the simulator assumes) on the
     offloaded model; return its own counters and the simulator's replay of its trace."""
-    from moe_colab.simulate import simulate_prefetch
+    from moe_colab.analysis.simulate import simulate_prefetch
 
     off = moe_colab.load_model(ckpt, device=device, dtype=dtype, experts_on_device=cache_size,
                                prefetch=prefetch, guess_from=source, progress=False)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_colab import RoutingTrace, simulate_cache
-from moe_colab.simulate import POLICIES, hit_ratio_table, simulate_prefetch
+from moe_colab.analysis.simulate import POLICIES, hit_ratio_table, simulate_prefetch
 
 
 def trace_of(*layers, num_experts):
@@ -152,9 +152,9 @@ def test_perfect_guesses_hit_everything_but_nothing_is_free():
 @settings(max_examples=60, deadline=None)
 @given(traces(), st.data())
 def test_simulator_counts_what_the_engine_counts(case, data):
-    """Replay the same demands and guesses through moe_colab.cache.ExpertCache on the CPU."""
-    from moe_colab.cache import ExpertCache
-    from moe_colab.storage import DenseExpertFormat, ExpertStore
+    """Replay the same demands and guesses through moe_colab.engine.cache.ExpertCache on the CPU."""
+    from moe_colab.engine.cache import ExpertCache
+    from moe_colab.engine.storage import DenseExpertFormat, ExpertStore
 
     trace, size = case
     L, T, E = trace.num_layers, trace.num_tokens, trace.num_experts
@@ -177,7 +177,7 @@ def test_simulator_counts_what_the_engine_counts(case, data):
 @settings(max_examples=40, deadline=None)
 @given(traces(), st.data())
 def test_hit_mask_adds_up_to_the_counts(case, data):
-    from moe_colab.simulate import hit_mask
+    from moe_colab.analysis.simulate import hit_mask
 
     trace, size = case
     L, T, E = trace.num_layers, trace.num_tokens, trace.num_experts
@@ -194,6 +194,6 @@ def test_hit_mask_adds_up_to_the_counts(case, data):
 
 def test_hit_mask_by_hand():
     # Trace A under LRU with 2 slots: hits at tokens 2, 4 and 7 (see the table above).
-    from moe_colab.simulate import hit_mask
+    from moe_colab.analysis.simulate import hit_mask
     mask = hit_mask(trace_of(*TRACE_A, num_experts=4), 2, "lru")
     assert mask[0, :, 0].nonzero().reshape(-1).tolist() == [2, 4, 7]

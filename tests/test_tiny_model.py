@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_colab import tiny_data, train_tiny
+from moe_colab.tiny import data as tiny_data
+from moe_colab.tiny import train as train_tiny
 from moe_colab.checkpoint import builtin_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ METRICS = ROOT / "docs" / "tiny_training.json"
 @pytest.fixture(scope="module")
 def tiny_path():
     path = builtin_model_path("tiny")
-    assert path is not None, "moe_colab/models/tiny/config.json is missing: run python -m moe_colab.train_tiny"
+    assert path is not None, "moe_colab/tiny/weights/config.json is missing: run python -m moe_colab.tiny.train"
     return path
 
 

@@ -7,9 +7,9 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from moe_colab import widgets as W
-from moe_colab.routing import RoutingTrace, record_routing
-from moe_colab.simulate import simulate_cache, simulate_prefetch
+from moe_colab.notebook import widgets as W
+from moe_colab.analysis.routing import RoutingTrace, record_routing
+from moe_colab.analysis.simulate import simulate_cache, simulate_prefetch
 
 
 def random_trace(layers=3, tokens=25, experts=6, top_k=2, seed=0, locality=0.5):
@@ -137,7 +137,7 @@ def test_static_fallback_outside_a_kernel(monkeypatch):
     assert all(b >= l - 1e-9 for b, l in zip(belady, lru))  # the offline optimum (k >= top_k)
     assert isinstance(W.routing_heatmap(trace, interactive=True), W.widgets.VBox)
     monkeypatch.setenv("MOE_COLAB_STATIC", "1")
-    from moe_colab.runtime import widgets_available
+    from moe_colab.notebook.runtime import widgets_available
     assert not widgets_available()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 # Lazy, so that `import moe_colab.quant.packing` stays light. `quantize` is deliberately not
-# listed: moe_colab.quant.quantize is the module (use moe_colab.quantize for the function).
+# listed: moe_colab.convert.quantize is the module (use moe_colab.quantize for the function).
 _PUBLIC = {
     "QuantConfig": "moe_colab.quant.config",
     "resolve_quant": "moe_colab.quant.config",
@@ -27,8 +27,8 @@ _PUBLIC = {
     "QuantizedExpertFormat": "moe_colab.quant.format",
     "QuantLinear": "moe_colab.quant.format",
     "quantize_trunk_": "moe_colab.quant.format",
-    "open_quantized": "moe_colab.quant.manifest",
-    "is_quantized_dir": "moe_colab.quant.manifest",
+    "open_quantized": "moe_colab.convert.manifest",
+    "is_quantized_dir": "moe_colab.convert.manifest",
     "quantize_model_": "moe_colab.quant.experts",
     "perplexity": "moe_colab.quant.perplexity",
 }

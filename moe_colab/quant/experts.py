@@ -74,7 +74,7 @@ def quantize_model_(model, qcfg: QuantConfig | None, *, device=None):
 
 def model_from_quantized_dir(path, *, dtype: torch.dtype = torch.float32, device="cpu", quant=None):
     """A MixtralForCausalLM rebuilt from ``moe_colab.quantize``'s output, every expert resident."""
-    from .manifest import expert_format_for, load_layer_experts, load_trunk_state_dict, model_config, open_quantized
+    from ..convert.manifest import expert_format_for, load_layer_experts, load_trunk_state_dict, model_config, open_quantized
 
     manifest, qcfg = open_quantized(path, quant)
     config = model_config(manifest)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graphs import OneTokenGraphs
-from ..storage import DenseExpertFormat, PackedLayout, Views
+from ..engine.graphs import OneTokenGraphs
+from ..engine.storage import DenseExpertFormat, PackedLayout, Views
 from .config import QuantConfig
 from .matrix import quantize_matrix
 from .packing import quant_linear_torch, tensor_shapes
@@ -89,7 +89,7 @@ class QuantizedExpertFormat:
     def forward(self, views, x):
         # A cache slot passes the same views every time: split and check them once (the per-call
         # checks and dict building cost more host time than a decode kernel takes), and replay
-        # the slot's CUDA graphs for one-token calls where they are on (moe_colab.graphs). That
+        # the slot's CUDA graphs for one-token calls where they are on (moe_colab.engine.graphs). That
         # state is kept on the views (storage.Views), so it goes when the slot goes.
         state = getattr(views, "cached", None)
         if state is None:
@@ -154,7 +154,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)                                      # [T, in]
         key = tuple((t.data_ptr(), t.shape) for t in mat.values())   # checked once per set of buffers
         if key == self._checked and x.dtype == self._checked_dtype:
-            # Known buffers: one-token calls replay a CUDA graph from the second on (moe_colab.graphs).
+            # Known buffers: one-token calls replay a CUDA graph from the second on (moe_colab.engine.graphs).
             y = self._graphs.run(key, lambda xs: quant_linear(xs, mat, *args, trusted=True), x2)
         else:
             y = quant_linear(x2, mat, *args)                                      # [T, out]

@@ -410,7 +410,7 @@ def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto"
             raise
         except Exception as e:  # compile failure on this GPU / Triton version
             if torch.cuda.is_current_stream_capturing():
-                raise           # a CUDA graph capture failed: moe_colab.graphs falls back, not us
+                raise           # a CUDA graph capture failed: moe_colab.engine.graphs falls back, not us
             _fallback_reason = f"{type(e).__name__}: {str(e).strip()[:500]}"
             warnings.warn(f"moe_colab: the Triton kernel failed on {torch.cuda.get_device_name(x.device)} "
                           f"({_fallback_reason}); using the torch dequantize path from now on", stacklevel=2)

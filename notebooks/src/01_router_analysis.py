@@ -69,7 +69,7 @@ print("token 0, layer 0: experts", trace.experts[0, 0].tolist(), "weights", [rou
 # against the trace for every layer and token.
 
 # %%
-from moe_colab.prefetch_recall import layer_states
+from moe_colab.analysis.prefetch_recall import layer_states
 
 _, states = layer_states(model, ids)          # states["before"][l]: [T, H], what layer l's router sees
 for l, layer in enumerate(model.model.layers):
@@ -90,7 +90,7 @@ print(f"the hand-made router matches record_routing at all {cfg.num_hidden_layer
 # are what makes an expert cache work (notebooks 02 and 03).
 
 # %%
-from moe_colab.widgets import routing_heatmap, text_table
+from moe_colab.notebook.widgets import routing_heatmap, text_table
 
 routing_heatmap(trace)
 
@@ -104,16 +104,16 @@ print(text_table(trace))
 # ## 4. Expert load per layer
 # A balanced router sends each expert `1/E` of the uses. Mixtral was trained with a
 # load-balancing loss, but balance over a long training corpus does not mean balance on one
-# text. We route a longer text: two functions of `moe_colab.simulate`, code the model never saw.
+# text. We route a longer text: two functions of `moe_colab.analysis.simulate`, code the model never saw.
 
 # %%
 import inspect
 
-import moe_colab.simulate
-from moe_colab.locality import expert_load
-from moe_colab.widgets import expert_load_figure
+import moe_colab.analysis.simulate
+from moe_colab.analysis.locality import expert_load
+from moe_colab.notebook.widgets import expert_load_figure
 
-text = inspect.getsource(moe_colab.simulate.simulate_cache) + inspect.getsource(moe_colab.simulate.simulate_prefetch)
+text = inspect.getsource(moe_colab.analysis.simulate.simulate_cache) + inspect.getsource(moe_colab.analysis.simulate.simulate_prefetch)
 n = min(512, cfg.max_position_embeddings)
 enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt", truncation=True, max_length=n)
 long_trace = moe_colab.record_routing(model, enc.input_ids, tokenizer=tokenizer)
@@ -136,8 +136,8 @@ expert_load_figure(long_trace)
 # structure mostly for indentation and keywords, not for topics. Use the buttons to change layer.
 
 # %%
-from moe_colab.locality import CATEGORIES, category_expert_counts, token_categories
-from moe_colab.widgets import category_figure
+from moe_colab.analysis.locality import CATEGORIES, category_expert_counts, token_categories
+from moe_colab.notebook.widgets import category_figure
 
 offsets = [tuple(o) for o in enc.offset_mapping[0].tolist()]
 kinds = token_categories(text, offsets)
@@ -161,8 +161,8 @@ category_figure(counts, CATEGORIES)
 # the prompt above that found their expert already there (simulated; notebook 03 explains it).
 
 # %%
-from moe_colab.prefetch_recall import guess_experts
-from moe_colab.widgets import cache_explorer
+from moe_colab.analysis.prefetch_recall import guess_experts
+from moe_colab.notebook.widgets import cache_explorer
 
 guesses = guess_experts(model, ids, count=E)     # [layers, tokens, E]: guesses for each layer, best first
 explorer = cache_explorer(trace, cache_size=2, guesses=guesses)

@@ -10,7 +10,7 @@
 # ratio of an LRU cache beside the paper's Figure 2.
 #
 # ## Objectives
-# - Measure expert reuse by distance with `moe_colab.locality.reuse_probability`, and rebuild it by hand.
+# - Measure expert reuse by distance with `moe_colab.analysis.locality.reuse_probability`, and rebuild it by hand.
 # - Compare it with chance: the reuse random top-k routing would show.
 # - Show that locality, not luck, makes the cache work: shuffle the tokens and watch the hit ratio fall.
 #
@@ -35,8 +35,8 @@ import torch
 from transformers import AutoTokenizer
 
 import moe_colab
-import moe_colab.locality
-import moe_colab.simulate
+import moe_colab.analysis.locality
+import moe_colab.analysis.simulate
 from moe_colab.checkpoint import resolve
 
 tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
@@ -44,7 +44,7 @@ model = moe_colab.load_model(rt.model, **rt.load_kwargs())
 cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
-text = inspect.getsource(moe_colab.simulate) + inspect.getsource(moe_colab.locality)
+text = inspect.getsource(moe_colab.analysis.simulate) + inspect.getsource(moe_colab.analysis.locality)
 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=1024).input_ids[0]   # <= 1024 tokens
 chunk = min(256, cfg.max_position_embeddings)
 trace = moe_colab.RoutingTrace.cat([moe_colab.record_routing(model, ids[i:i + chunk], tokenizer=tokenizer)
@@ -59,7 +59,7 @@ print(trace)
 # `1 - C(E-k, k) / C(E, k)`: 0.46 for Mixtral's 2 of 8.
 
 # %%
-from moe_colab.locality import chance_reuse, reuse_probability
+from moe_colab.analysis.locality import chance_reuse, reuse_probability
 
 reuse = reuse_probability(trace, max_distance=8)        # [layers, distances 1..8]
 chance = chance_reuse(E, K)

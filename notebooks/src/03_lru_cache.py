@@ -35,7 +35,7 @@ import torch
 from transformers import AutoTokenizer
 
 import moe_colab
-import moe_colab.simulate
+import moe_colab.analysis.simulate
 from moe_colab import simulate_cache
 from moe_colab.checkpoint import resolve
 
@@ -44,7 +44,7 @@ model = moe_colab.load_model(rt.model, **rt.load_kwargs())
 cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
-text = inspect.getsource(moe_colab.simulate.simulate_prefetch)
+text = inspect.getsource(moe_colab.analysis.simulate.simulate_prefetch)
 n = min(256, cfg.max_position_embeddings)
 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=n).input_ids[0]    # <= n tokens
 trace = moe_colab.record_routing(model, ids, tokenizer=tokenizer)
@@ -97,8 +97,8 @@ print(f"the ten-line LRU matches simulate_cache for every layer and every cache 
 #   future, so no real system can run it, but no policy can do better: it is the ceiling.
 
 # %%
-from moe_colab.simulate import POLICIES, hit_ratio_table
-from moe_colab.widgets import hit_ratio_figure
+from moe_colab.analysis.simulate import POLICIES, hit_ratio_table
+from moe_colab.notebook.widgets import hit_ratio_figure
 
 table = hit_ratio_table(trace)             # {policy: [hit ratio for k = 1..E]}
 print("k   " + "".join(f"{p:>8s}" for p in POLICIES))
@@ -146,7 +146,7 @@ del engine
 # Hover over a cell to see which expert hit or missed.
 
 # %%
-from moe_colab.widgets import cache_timeline
+from moe_colab.notebook.widgets import cache_timeline
 
 cache_timeline(trace, cache_size=4, policy="lru")
 
@@ -157,8 +157,8 @@ cache_timeline(trace, cache_size=4, policy="lru")
 # guesses `guess_experts` makes from real hidden states.
 
 # %%
-from moe_colab.prefetch_recall import guess_experts
-from moe_colab.widgets import cache_explorer
+from moe_colab.analysis.prefetch_recall import guess_experts
+from moe_colab.notebook.widgets import cache_explorer
 
 guesses = guess_experts(model, ids, count=E)     # [layers, tokens, E], best guess first
 cache_explorer(trace, cache_size=4, guesses=guesses)

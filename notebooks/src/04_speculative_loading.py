@@ -11,7 +11,7 @@
 # Figure 2, right) and what they do to the cache.
 #
 # ## Objectives
-# - Make the guess by hand and check it against `moe_colab.prefetch_recall.guess_experts`.
+# - Make the guess by hand and check it against `moe_colab.analysis.prefetch_recall.guess_experts`.
 # - Measure prefetch recall for 1, 2 (and more) layers ahead against chance.
 # - Simulate LRU with prefetching, then run the engine with `prefetch=2` and read `prefetch_hits`.
 #
@@ -34,7 +34,7 @@ import torch
 from transformers import AutoTokenizer
 
 import moe_colab
-import moe_colab.simulate
+import moe_colab.analysis.simulate
 from moe_colab.checkpoint import resolve
 
 tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
@@ -42,7 +42,7 @@ model = moe_colab.load_model(rt.model, **rt.load_kwargs())
 cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
-text = inspect.getsource(moe_colab.simulate.simulate_cache)
+text = inspect.getsource(moe_colab.analysis.simulate.simulate_cache)
 n = min(256, cfg.max_position_embeddings)
 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=n).input_ids[0]    # <= n tokens
 trace = moe_colab.record_routing(model, ids, tokenizer=tokenizer)
@@ -55,7 +55,7 @@ print(trace)
 # thing on `h_l` instead, and keep the `p` best experts as the guess.
 
 # %%
-from moe_colab.prefetch_recall import guess_experts, layer_states
+from moe_colab.analysis.prefetch_recall import guess_experts, layer_states
 
 p = K
 _, states = layer_states(model, ids)                  # states["before"][l]: [T, H]
@@ -75,7 +75,7 @@ print(f"the hand-made guess matches guess_experts for layers 1..{L - 1}")
 # used that were among the guessed ones. By hand for `p = top_k`, one layer ahead:
 
 # %%
-from moe_colab.prefetch_recall import prefetch_recall
+from moe_colab.analysis.prefetch_recall import prefetch_recall
 
 truth = trace.experts                                              # [L, T, K]
 found = (library[1:, :, :, None] == truth[1:, :, None, :]).any(-2)  # [L-1, T, K]: was each used expert guessed?
@@ -126,7 +126,7 @@ print("after:   " + "  ".join(f"{r:5.2f}" for r in after["recall"][0].tolist()))
 # moves them off the critical path.
 
 # %%
-from moe_colab.simulate import simulate_prefetch
+from moe_colab.analysis.simulate import simulate_prefetch
 
 guesses = guess_experts(model, ids, count=E)          # all E guesses, best first; prefetch p uses the first p
 print("k  p   hit ratio  prefetch hits  wasted  copies")
@@ -165,7 +165,7 @@ del engine
 # that were about to be reused.
 
 # %%
-from moe_colab.widgets import cache_explorer
+from moe_colab.notebook.widgets import cache_explorer
 
 cache_explorer(trace, cache_size=2, prefetch=1, guesses=guesses)
 

@@ -269,7 +269,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moe_colab.quant.manifest import MANIFEST
+from moe_colab.convert.manifest import MANIFEST
 
 qdir = Path(tempfile.mkdtemp()) / "tiny-paper-2bit"
 start = time.perf_counter()
@@ -313,13 +313,13 @@ assert per_copy == manifest["expert_nbytes"]
 # ## 5. What it costs: perplexity
 # Perplexity is `exp` of the mean next-token loss on text the model did not train on: lower is
 # better. `tiny` was trained on Python's standard library minus a held-out 2 % of its files
-# (`moe_colab.tiny_data`); we score the first `N_TOKENS` tokens of those held-out files.
+# (`moe_colab.tiny.data`); we score the first `N_TOKENS` tokens of those held-out files.
 # `perplexity_table` quantizes the attention and the experts of one resident model at each bit
 # width and swaps them in and out, so all 16 pairs take seconds.
 
 # %%
 from moe_colab.quant.perplexity import perplexity, perplexity_table
-from moe_colab.tiny_data import read_sources, stdlib_files
+from moe_colab.tiny.data import read_sources, stdlib_files
 
 _, heldout, stdlib = stdlib_files()
 text = "\n".join(read_sources(heldout))

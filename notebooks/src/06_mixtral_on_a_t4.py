@@ -95,10 +95,10 @@ if rt.real_mixtral:
     out = (drive if drive.exists() else Path.home()) / "moe_colab" / f"mixtral-8x7b-instruct-2bit-{WEIGHTS}"
     scratch = "/content/shards" if rt.colab else None      # local disk for one shard, not Drive
     if WEIGHTS == "authors":
-        from moe_colab.quant.authors_format import convert_authors_checkpoint
+        from moe_colab.convert.authors import convert_authors_checkpoint
         weights = convert_authors_checkpoint(out, quant="paper-2bit", scratch=scratch)
     else:
-        from moe_colab.hub import quantize_from_hub
+        from moe_colab.convert.hub import quantize_from_hub
         weights = quantize_from_hub(MIXTRAL_INSTRUCT, out, "paper-2bit", scratch=scratch)
     source = MIXTRAL_INSTRUCT
 else:
@@ -243,7 +243,7 @@ print(f"hit ratio in this answer: {s['hits'] / max(s['hits'] + s['misses'], 1):.
 # widgets, call `chat("...")` in a new cell.
 
 # %%
-from moe_colab.runtime import widgets_available
+from moe_colab.notebook.runtime import widgets_available
 
 if widgets_available():
     import ipywidgets as widgets
@@ -285,7 +285,7 @@ else:
 #    "W/o expert pre-loading").
 # 3. Ask `moe_colab.plan` for Mixtral at paper-2bit with a 16k-token context on a T4
 #    (`max_context=16384`): what does it suggest?
-# 4. On a GPU, set `moe_colab.graphs.ENABLED = True` (CUDA graphs for one-token matmuls, off by
+# 4. On a GPU, set `moe_colab.engine.graphs.ENABLED = True` (CUDA graphs for one-token matmuls, off by
 #    default: `docs/benchmark_notes.md`) and ask the same question again: does decoding get
 #    faster on a T4, where copies rather than kernel launches take most of the time?
 #

@@ -191,7 +191,7 @@ def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn
                 row_deadline: float, hard_deadline: float, stop_at: float, warmup_prompts: int | None = None,
                 warmup_tokens: int = 24, log=print) -> dict:
     """Warm-up (``warmup_tokens`` decoded tokens: the engine captures its CUDA graphs on the
-    second and third use of each slot, see moe_colab.graphs), then ``runs`` rounds over every prompt. Each run starts from an
+    second and third use of each slot, see moe_colab.engine.graphs), then ``runs`` rounds over every prompt. Each run starts from an
     empty expert cache and a rewound routing. Time limits: the first round always runs (unless
     ``stop_at`` has passed), later rounds only before ``row_deadline``; a decode loop stops
     adding tokens after ``hard_deadline``."""

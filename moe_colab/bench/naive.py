@@ -20,9 +20,9 @@ import psutil
 import torch
 from torch import nn
 
-from .adapters.mixtral import MixtralAdapter
-from .bench_synthetic import synthetic_trunk_state
-from .quant.format import attach_quant_linears_
+from ..adapters.mixtral import MixtralAdapter
+from .synthetic import synthetic_trunk_state
+from ..quant.format import attach_quant_linears_
 
 
 class NaiveMoE(nn.Module):

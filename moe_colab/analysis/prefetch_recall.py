@@ -128,7 +128,7 @@ def guess_experts(model, input_ids, count: int, source: str = "before", ahead: i
     """LongTensor [L, T, count]: the experts guessed for layer l at each token, best first, made
     at layer l - ahead; -1 for the first ``ahead`` layers (nothing earlier to guess from).
     Tokens of a list of chunks are concatenated, matching RoutingTrace.cat. Feed to
-    ``moe_colab.simulate.simulate_prefetch``."""
+    ``moe_colab.analysis.simulate.simulate_prefetch``."""
     (ahead,), L, E, count = _check_args(model, ahead, source, count)
     out = []
     for ids in _chunks(input_ids):

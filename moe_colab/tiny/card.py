@@ -1,6 +1,6 @@
 """The model card (README.md) of the built-in ``tiny`` model, written from its training metrics.
 
-    python -m moe_colab.tiny_card docs/tiny_training.json moe_colab/models/tiny docs/tiny_model.md
+    python -m moe_colab.tiny.card docs/tiny_training.json moe_colab/tiny/weights docs/tiny_model.md
 
 ``train_tiny.py`` calls ``write_model_card`` at the end of a run, so every figure in the card is
 the one the run measured. Format: Hugging Face model cards (YAML front matter, then Markdown).
@@ -116,7 +116,7 @@ print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
 ```
 
 ## Retrain
-`python -m moe_colab.train_tiny --out moe_colab/models/tiny --metrics docs/tiny_training.json`
+`python -m moe_colab.tiny.train --out moe_colab/tiny/weights --metrics docs/tiny_training.json`
 (seeded; `--threads N` for more cores, `--max-minutes` to stop early and still save, `--resume` to
 continue from the last checkpoint in `tmp/train_tiny/`). A different Python version has a different
 standard library, so the figures will move a little.
@@ -147,7 +147,7 @@ def write_model_card(out_dir: Path, metrics: dict) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
-        sys.exit("usage: python -m moe_colab.tiny_card METRICS.json MODEL_DIR [DOCS.md]")
+        sys.exit("usage: python -m moe_colab.tiny.card METRICS.json MODEL_DIR [DOCS.md]")
     metrics = json.loads(Path(sys.argv[1]).read_text())
     write_model_card(Path(sys.argv[2]), metrics)
     if len(sys.argv) == 4:

@@ -17,7 +17,7 @@ downloads only the shards not done. The result is exactly what ``moe_colab.quant
     model = moe_colab.load_model(dst, experts_on_device="auto")
 
 ``download_quantized(repo_id)`` fetches a directory that someone already quantized and uploaded
-(our format: manifest + units); ``moe_colab.quant.authors_format`` reads the paper authors' own.
+(our format: manifest + units); ``moe_colab.convert.authors`` reads the paper authors' own.
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 4 (the Colab demo).
 """
@@ -32,8 +32,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .adapters.mixtral import MixtralAdapter as A
-from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, _safetensors_header
+from ..adapters.mixtral import MixtralAdapter as A
+from ..checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, _safetensors_header
 
 STATE = "moe_colab_hub.json"
 PARTS = "parts"
@@ -121,7 +121,7 @@ def quantize_from_hub(repo_id: str, dst, quant="paper-2bit", *, revision: str | 
     disk, not Drive). fetch(filename) -> path replaces the download (tests, mirrors).
     on_shard_done(shard) is called after each shard is safely recorded. Returns dst.
     """
-    from .config import HUB_ALIASES
+    from ..config import HUB_ALIASES
     repo_id = HUB_ALIASES.get(repo_id, repo_id)
     scratch = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="moe_colab_shard_"))
     fetch = fetch or hub_fetcher(repo_id, scratch, revision=revision)
@@ -137,11 +137,11 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
     release, small_files) into a quantized directory, shard by shard."""
     from tqdm.auto import tqdm
 
-    from .quant.config import resolve_quant
-    from .quant.format import expert_format
-    from .quant.manifest import TRUNK_FILE, layer_file
-    from .quant.matrix import default_device
-    from .quant.quantize import _start_or_resume
+    from ..quant.config import resolve_quant
+    from ..quant.format import expert_format
+    from .manifest import TRUNK_FILE, layer_file
+    from ..quant.matrix import default_device
+    from .quantize import _start_or_resume
 
     qcfg = resolve_quant(quant)
     if qcfg is None or qcfg.is_noop:
@@ -185,7 +185,7 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
     if TRUNK_FILE not in manifest["files"]:
         from safetensors.torch import load_file
 
-        from .quant.quantize import _save_unit
+        from .quantize import _save_unit
         trunk = {}
         for part in sorted((dst / PARTS).glob("trunk.*.safetensors")):
             trunk.update(load_file(str(part)))
@@ -195,7 +195,7 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
     if missing:
         raise CheckpointError(f"{source.identity} lacks tensors for {missing[:4]} (e.g. some experts of those "
                               f"layers): every shard was read and these units are still incomplete")
-    from .quant.manifest import write_manifest
+    from .manifest import write_manifest
     manifest["complete"] = True
     write_manifest(dst, manifest)
     shutil.rmtree(dst / PARTS, ignore_errors=True)
@@ -206,7 +206,7 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
 
 def fresh_manifest(config, qcfg, dtype, fmt, source: str) -> dict:
     """The manifest moe_colab.quantize starts from (same fields, so either can resume the other)."""
-    from .quant.manifest import FORMAT, FORMAT_VERSION, dtype_name
+    from .manifest import FORMAT, FORMAT_VERSION, dtype_name
     m = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": A.model_type,
          "scheme_name": qcfg.name, "scheme": qcfg.to_dict(), "config": config.to_dict(),
          "source": source, "expert_dtype": dtype_name(dtype), "expert_nbytes": fmt.layout.nbytes,
@@ -217,8 +217,8 @@ def fresh_manifest(config, qcfg, dtype, fmt, source: str) -> dict:
 
 def _quantize_shard(source, shard, path, dst, manifest, qcfg, fmt, E, device) -> None:
     """Quantize one shard's tensors; save its trunk part and every layer it touched."""
-    from .quant.manifest import TRUNK_FILE, layer_file
-    from .quant.quantize import _save_unit, quantize_trunk_tensor
+    from .manifest import TRUNK_FILE, layer_file
+    from .quantize import _save_unit, quantize_trunk_tensor
 
     trunk, layers = {}, {}
     for name, t in source.tensors(shard, path):
@@ -253,7 +253,7 @@ def _load_partial(dst: Path, layer: int, E: int, nbytes: int):
     """(uint8 [E, nbytes] buffers, uint8 [E, 3] which of w1/w2/w3 are in) of a half-done layer."""
     from safetensors.torch import load_file
 
-    from .quant.manifest import layer_file
+    from .manifest import layer_file
     partial = dst / PARTS / f"{layer_file(layer)}.partial"
     if partial.is_file():
         try:
@@ -293,7 +293,7 @@ def _write_json(path: Path, data: dict) -> None:
 def download_quantized(repo_id: str, local_dir=None, *, revision: str | None = None, snapshot_download=None) -> Path:
     """Download a directory written by moe_colab.quantize (manifest + units + tokenizer files)
     and check it is one; returns the local path for moe_colab.load_model."""
-    from .quant.manifest import MANIFEST, open_quantized
+    from .manifest import MANIFEST, open_quantized
     if snapshot_download is None:
         from huggingface_hub import snapshot_download
     path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir,
@@ -307,6 +307,6 @@ def download_quantized(repo_id: str, local_dir=None, *, revision: str | None = N
 
 def load_from_hub(repo_id: str, *, revision: str | None = None, local_dir=None, snapshot_download=None, **load_kwargs):
     """moe_colab.load_model on a quantized directory downloaded from the Hub."""
-    from .model import load_model
+    from ..model import load_model
     return load_model(download_quantized(repo_id, local_dir, revision=revision,
                                          snapshot_download=snapshot_download), **load_kwargs)

@@ -28,7 +28,7 @@ inverted (a multiplier).
 Those groups are strided, ours (packing.py) are consecutive inputs of one row, so the codes
 cannot be copied: ``dequantize_hqq01`` rebuilds each matrix exactly (in float32), and
 ``convert_authors_checkpoint`` quantizes it again into our format, shard by shard like
-moe_colab.hub (a second quantization: its error adds to the authors'). ``authors_to_dense``
+moe_colab.convert.hub (a second quantization: its error adds to the authors'). ``authors_to_dense``
 writes the dequantized weights as an ordinary checkpoint (small models; Mixtral would be 93 GB).
 
 References: HQQ 0.1.x, hqq/core/quantize.py and bitpack.py (Quantizer.quantize/dequantize,
@@ -116,7 +116,7 @@ def _linear_shapes(config) -> dict[str, tuple[int, int]]:
 
 
 class AuthorsShards:
-    """The authors' checkpoint as a shard source for moe_colab.hub.quantize_shards: each file
+    """The authors' checkpoint as a shard source for moe_colab.convert.hub.quantize_shards: each file
     yields the ORIGINAL checkpoint's names with dequantized float32 tensors."""
 
     def __init__(self, fetch, identity: str, delete_after: bool):
@@ -194,7 +194,7 @@ def authors_source(path_or_id=DEMO_REPO, *, revision=None, scratch=None, fetch=N
         return AuthorsShards(lambda name: local / name, identity=str(local), delete_after=False)
     if fetch is None:
         import tempfile
-        from ..hub import hub_fetcher
+        from .hub import hub_fetcher
         fetch = hub_fetcher(str(path_or_id), scratch or tempfile.mkdtemp(prefix="moe_colab_authors_"),
                             revision=revision)
     return AuthorsShards(fetch, identity=f"{path_or_id}@{revision or 'main'}", delete_after=True)
@@ -204,7 +204,7 @@ def convert_authors_checkpoint(dst, path_or_id=DEMO_REPO, quant="paper-2bit", *,
                                fetch=None, device=None, dtype=torch.float16, progress=True) -> Path:
     """The authors' checkpoint, dequantized and quantized again into our format in ``dst``
     (resumable, one file at a time); then ``moe_colab.load_model(dst)``."""
-    from ..hub import quantize_shards
+    from .hub import quantize_shards
     source = authors_source(path_or_id, revision=revision, scratch=scratch, fetch=fetch)
     return quantize_shards(source, dst, quant, device=device, dtype=dtype, progress=progress)
 

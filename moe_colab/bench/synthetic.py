@@ -26,12 +26,12 @@ import zlib
 
 import torch
 
-from .adapters.mixtral import MixtralAdapter
-from .cache import ExpertCache
-from .config import mixtral_config
-from .model import attach_experts, build_trunk, load_model
-from .quant.format import QuantLinear, QuantizedExpertFormat, attach_quant_linears_
-from .storage import ExpertStore
+from ..adapters.mixtral import MixtralAdapter
+from ..engine.cache import ExpertCache
+from ..config import mixtral_config
+from ..model import attach_experts, build_trunk, load_model
+from ..quant.format import QuantLinear, QuantizedExpertFormat, attach_quant_linears_
+from ..engine.storage import ExpertStore
 
 # --scale: Mixtral-8x7B itself, or smaller shapes (8 experts, top-2 kept) for smoke tests.
 SCALES = {

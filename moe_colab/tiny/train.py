@@ -1,6 +1,6 @@
 """Train ``tiny``, the small Mixtral shipped inside the package, on CPU from the Python stdlib.
 
-    python -m moe_colab.train_tiny --out moe_colab/models/tiny --metrics docs/tiny_training.json
+    python -m moe_colab.tiny.train --out moe_colab/tiny/weights --metrics docs/tiny_training.json
 
 The corpus is the running Python's own standard library, split and tokenized by ``tiny_data.py``
 (byte-level BPE trained on the train split only). The model is a transformers ``MixtralConfig``:
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .tiny_data import (BOS_ID, EOS_ID, PAD_ID, batch_at, encode_stream, heldout_probe, hf_tokenizer,
+from .data import (BOS_ID, EOS_ID, PAD_ID, batch_at, encode_stream, heldout_probe, hf_tokenizer,
                         read_sources, spread_rows, stdlib_files, train_tokenizer)
 
 # name: (model shape, training schedule). "full" is what ships; "tiny-test" keeps the script honest.
@@ -119,7 +119,7 @@ def expert_load(model, input_ids: torch.Tensor) -> list[list[float]]:
 # -- the run ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models" / "tiny",
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights",
                     help="where the Hugging Face model directory is written")
     ap.add_argument("--work-dir", type=Path, default=Path("tmp/train_tiny"),
                     help="checkpoints and the tokenizer for --resume")
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.metrics:
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(metrics, indent=1))
-    from .tiny_card import write_model_card
+    from .card import write_model_card
     write_model_card(out_dir, metrics)
     print(f"saved {out_dir}: {n_params / 1e6:.2f}M parameters, {metrics['size_on_disk_bytes'] / 1e6:.1f} MB, "
           f"{step} steps in {elapsed / 60:.1f} min; train loss {metrics['final_train_loss'] or float('nan'):.3f}, "

@@ -24,11 +24,11 @@ import torch
 
 from ..adapters.mixtral import MixtralAdapter as A
 from ..checkpoint import CheckpointError, read_config_dict, resolve, shard_map
-from .config import PRESETS, QuantConfig, resolve_quant
-from .format import expert_format
+from ..quant.config import PRESETS, QuantConfig, resolve_quant
+from ..quant.format import expert_format
 from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST, TRUNK_FILE, dtype_name, file_entry, layer_file,
                        read_manifest, verify_file, write_manifest)
-from .matrix import default_device, quantize_matrix
+from ..quant.matrix import default_device, quantize_matrix
 
 _ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
 
@@ -207,6 +207,6 @@ def main_quantize(args) -> int:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(prog="python -m moe_colab.quant.quantize", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m moe_colab.convert.quantize", description=__doc__.splitlines()[0])
     add_quantize_arguments(p)
     raise SystemExit(main_quantize(p.parse_args()))

@@ -9,11 +9,11 @@
                                          a live "hit ratio: 0.53" readout and the timeline
 
 A trace is a ``moe_colab.RoutingTrace`` (``experts`` and ``weights``: [layers, tokens, top_k]).
-Hit/miss events come from ``moe_colab.simulate.hit_mask`` (the one cache simulator); this file
+Hit/miss events come from ``moe_colab.analysis.simulate.hit_mask`` (the one cache simulator); this file
 only draws.
 
 Inside a Jupyter or Colab kernel these return live widgets (plotly FigureWidget needs anywidget;
-Colab also needs ``moe_colab.runtime.enable_colab_widgets()`` once). In plain Python, or with
+Colab also needs ``moe_colab.notebook.runtime.enable_colab_widgets()`` once). In plain Python, or with
 ``MOE_COLAB_STATIC=1``, they return static plotly Figures instead, and ``text_table`` gives a
 plain-text view; nothing here ever waits for a frontend.
 
@@ -131,7 +131,7 @@ def expert_load_figure(trace, title: str | None = None) -> go.Figure:
 
 def category_figure(counts, names, title: str | None = None) -> go.Figure:
     """Which experts each kind of token uses: counts [layers, categories, experts] (from
-    ``moe_colab.locality.category_expert_counts``), one layer at a time behind plotly buttons
+    ``moe_colab.analysis.locality.category_expert_counts``), one layer at a time behind plotly buttons
     (they work without a kernel). Each row is normalised to the category's share per expert."""
     counts = np.asarray(_to_numpy(counts), dtype=float)
     L, C, E = counts.shape
@@ -238,12 +238,12 @@ class CacheEvents:
 
 
 def cache_events(trace, cache_size: int, policy: str = "lru", prefetch: int = 0, guesses=None) -> CacheEvents:
-    """The simulator's per-use hits (``moe_colab.simulate.hit_mask``): ``policy`` alone, or LRU
+    """The simulator's per-use hits (``moe_colab.analysis.simulate.hit_mask``): ``policy`` alone, or LRU
     with ``prefetch`` of ``guesses`` [layers, tokens, n] (e.g. prefetch_recall.guess_experts)."""
-    from .simulate import hit_mask
+    from ..analysis.simulate import hit_mask
 
     if prefetch and guesses is None:
-        raise ValueError("prefetch > 0 needs guesses [layers, tokens, n] (see moe_colab.prefetch_recall.guess_experts)")
+        raise ValueError("prefetch > 0 needs guesses [layers, tokens, n] (see moe_colab.analysis.prefetch_recall.guess_experts)")
     hits = hit_mask(trace, cache_size, policy, guesses=guesses, prefetch=prefetch)
     return CacheEvents(policy, cache_size, min(prefetch, cache_size), np.asarray(_to_numpy(hits), dtype=bool))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, _safetensors_header
-from .config import QuantConfig, resolve_quant
+from ..quant.config import QuantConfig, resolve_quant
 
 MANIFEST = "moe_colab_quant.json"
 FORMAT = "moe_colab-quant"
@@ -153,7 +153,7 @@ def model_config(manifest: dict):
 
 def expert_format_for(manifest: dict, dtype: torch.dtype = torch.float16, act=None):
     """The ExpertFormat these buffers were written with; raises if our layout differs."""
-    from .format import expert_format
+    from ..quant.format import expert_format
     qcfg = QuantConfig.from_dict(manifest["scheme"])
     dense_dtype = _DTYPES[manifest["expert_dtype"]]
     fmt = expert_format(model_config(manifest), qcfg, dense_dtype if qcfg.expert_bits == 16 else dtype, act)

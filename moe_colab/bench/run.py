@@ -3,7 +3,7 @@
     python -m moe_colab bench --quant both --profile          # the H200 run (< 8 minutes)
     python -m moe_colab bench --device cpu --scale tiny --quick --prompts 8,16   # CPU, a minute
 
-Rows, measured in one process on the same prompts and the same routing (moe_colab.bench_routing):
+Rows, measured in one process on the same prompts and the same routing (moe_colab.bench.replay):
 
     full         LRU expert cache + speculative prefetch       (the paper's "Full algorithm")
     no_prefetch  LRU cache only, prefetch 0                     ("W/o expert pre-loading")
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from . import bench_measure as bm
-from .bench_report import write_reports
-from .bench_routing import DEFAULT_RECALL, make_routing, moe_blocks
-from .bench_synthetic import bench_config, build_offloaded, make_store
-from .quant.config import resolve_quant
-from .quant.format import QuantizedExpertFormat
+from . import measure as bm
+from .report import write_reports
+from .replay import DEFAULT_RECALL, make_routing, moe_blocks
+from .synthetic import bench_config, build_offloaded, make_store
+from ..quant.config import resolve_quant
+from ..quant.format import QuantizedExpertFormat
 
 OFFLOAD_ROWS = ("full", "no_prefetch", "no_cache")
 ROWS = OFFLOAD_ROWS + ("naive",)                 # the default rows
@@ -87,7 +87,7 @@ def parse_args(argv):
     a("--seed", type=int, default=0)
     a("--burn-in", type=int, default=128, help="untimed decoded tokens before the first row")
     a("--cuda-graphs", default="on", choices=["on", "off"],
-      help="replay one-token matmuls as CUDA graphs (moe_colab.graphs; off by default in the library)")
+      help="replay one-token matmuls as CUDA graphs (moe_colab.engine.graphs; off by default in the library)")
     a("--max-minutes", type=float, default=7.5, help="wall-clock budget; later runs are skipped")
     args = p.parse_args(argv)
     if args.quick:
@@ -301,7 +301,7 @@ class Bench:
         return prof
 
     def naive_row(self, qcfg, store, slot: float) -> dict:
-        from .bench_naive import build_naive, bytes_moved
+        from .naive import build_naive, bytes_moved
 
         a, dev, replay = self.args, self.device, self.replay
         if dev.type == "cpu":       # no device memory: bench_naive keeps 3/4 of the model in RAM
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
-    from . import graphs
+    from ..engine import graphs
     was = graphs.ENABLED
     graphs.ENABLED = args.cuda_graphs == "on"
     try:

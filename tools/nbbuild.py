@@ -1,6 +1,6 @@
 """Build the teaching notebooks from plain Python sources, so they are reviewable and clean.
 
-    notebooks/src/01_router_analysis.py  --python -m moe_colab._nbtools-->  notebooks/01_router_analysis.ipynb
+    notebooks/src/01_router_analysis.py  --python -m tools.nbbuild-->  notebooks/01_router_analysis.ipynb
 
 A source is in "percent" format: ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown
 cell whose lines are written as ``# text``. Three expansions keep every notebook's skeleton the
@@ -10,14 +10,14 @@ same:
     {{badge NAME}}       the badge of notebook NAME (for the index)
     # %% [setup]         the standard setup: a "## 0. Setup" heading, the Colab-only install cell
                          (never touches Colab's torch; enables Colab's widget manager) and the
-                         runtime check cell (moe_colab.runtime.check_runtime)
+                         runtime check cell (moe_colab.notebook.runtime.check_runtime)
 
 Built notebooks have no outputs, no execution counts and no widget state, carry Colab's
 ``gpuType: T4`` metadata and deterministic cell ids, so building twice gives the same bytes.
 
-    python -m moe_colab._nbtools            rebuild notebooks/*.ipynb from notebooks/src/*.py
-    python -m moe_colab._nbtools --check    exit 1 if a committed notebook differs from its source
-    python -m moe_colab._nbtools --clean F  strip outputs and widget state from notebook F in place
+    python -m tools.nbbuild            rebuild notebooks/*.ipynb from notebooks/src/*.py
+    python -m tools.nbbuild --check    exit 1 if a committed notebook differs from its source
+    python -m tools.nbbuild --clean F  strip outputs and widget state from notebook F in place
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ if "google.colab" in sys.modules:
     output.enable_custom_widget_manager()'''
 
 RUNTIME_CELL = '''\
-from moe_colab.runtime import check_runtime
+from moe_colab.notebook.runtime import check_runtime
 
 rt = check_runtime(USE_REAL_MIXTRAL)   # prints the device and the model this notebook will use'''
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             target.write_text(text)
             print(f"wrote {target}")
     if stale:
-        print(f"out of date with notebooks/src (run python -m moe_colab._nbtools): {', '.join(stale)}")
+        print(f"out of date with notebooks/src (run python -m tools.nbbuild): {', '.join(stale)}")
         return 1
     return 0
 

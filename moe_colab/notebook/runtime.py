@@ -11,7 +11,7 @@ know (Colab or not, which device, which model the notebook will use and why) and
 On Colab without a GPU it names the exact menu path that switches the runtime to a T4.
 ``MOE_COLAB_MODEL=/path/to/checkpoint`` replaces ``tiny`` (e.g. to run the notebooks in CI
 against a checkpoint written by a test); ``MOE_COLAB_MIXTRAL=/path`` points the real-model path
-at an already quantized Mixtral (``moe_colab.hub.quantize_from_hub`` writes one, e.g. on Google
+at an already quantized Mixtral (``moe_colab.convert.hub.quantize_from_hub`` writes one, e.g. on Google
 Drive) instead of quantizing the Hub checkpoint at load time.
 Colab also needs one call before third-party widgets (plotly's FigureWidget) can render:
 ``enable_colab_widgets()``, a no-op elsewhere.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 COLAB_GPU_MENU = "Runtime → Change runtime type → Hardware accelerator → T4 GPU"
 REAL_MODEL = "mixtral-8x7b-instruct"   # a HUB_ALIASES name in moe_colab.config
-OFFLINE_MODEL = "tiny"                 # shipped inside the package (moe_colab/models/tiny)
+OFFLINE_MODEL = "tiny"                 # shipped inside the package (moe_colab/tiny/weights)
 
 
 def in_colab() -> bool:

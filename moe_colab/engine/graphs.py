@@ -14,7 +14,7 @@ graph records the kernels of one call once and replays all of them with a single
 
 Only CUDA inputs with one row, outside any other capture, and while ``ENABLED``. Off by default
 until its GPU equivalence test (tests/test_engine_gpu.py::test_cuda_graphs_match_eager) has
-passed: turn it on with ``moe_colab.graphs.ENABLED = True`` or MOE_COLAB_CUDA_GRAPHS=1;
+passed: turn it on with ``moe_colab.engine.graphs.ENABLED = True`` or MOE_COLAB_CUDA_GRAPHS=1;
 ``python -m moe_colab bench`` turns it on (``--cuda-graphs off`` to compare). A graph reads its weights at fixed addresses:
 the engine's slots and a QuantLinear's buffers never move, and a key includes those addresses.
 All graphs share one memory pool: they replay one at a time on one stream, and each output is

@@ -8,7 +8,7 @@ A trace is two tensors (and a little metadata):
 ``record_routing`` fills one from a real model by putting a forward hook on each layer's router
 (``layer.mlp.gate`` in transformers >= 5, found through the model's adapter). The offloaded model
 keeps that very module inside its replacement MoE block, so the same hooks work on both.
-Traces are what ``moe_colab.locality`` measures and ``moe_colab.simulate`` replays.
+Traces are what ``moe_colab.analysis.locality`` measures and ``moe_colab.analysis.simulate`` replays.
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.1 (experts are reused by nearby tokens).
 """
@@ -144,7 +144,7 @@ class RoutingTrace:
 
 # -- recording ------------------------------------------------------------------------------------
 def _adapter(model):
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
     return adapter_for(model.config)
 
 

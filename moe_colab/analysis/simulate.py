@@ -207,7 +207,7 @@ def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: i
     """LRU caches with speculative loading of ``prefetch`` guessed experts per layer and token.
 
     guesses: LongTensor [layers, tokens, >= prefetch], the guessed experts of layer l at token t
-    in rank order (e.g. ``moe_colab.prefetch_recall.guess_experts``); -1 means no guess (layer 0
+    in rank order (e.g. ``moe_colab.analysis.prefetch_recall.guess_experts``); -1 means no guess (layer 0
     has no earlier layer to guess from). Before layer l's demand at token t, each guess that is
     not resident is loaded, evicting the least recently used expert that is not a guess of the
     same round; loaded guesses count as most recent (as ExpertCache.prefetch does). Returns

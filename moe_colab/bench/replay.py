@@ -180,7 +180,7 @@ class ReplayRouting:
 
 
 def moe_blocks(model) -> list:
-    from .adapters.mixtral import MixtralAdapter
+    from ..adapters.mixtral import MixtralAdapter
     return [MixtralAdapter.moe_block(layer) for layer in MixtralAdapter.decoder_layers(model)]
 
 
@@ -197,12 +197,12 @@ def tiny_trace(tokens: int):
 
     from transformers import AutoTokenizer, MixtralForCausalLM
 
-    from .checkpoint import builtin_model_path
-    from .routing import record_routing
+    from ..checkpoint import builtin_model_path
+    from ..analysis.routing import record_routing
 
     path = builtin_model_path("tiny")
     if path is None:
-        raise FileNotFoundError("--routing tiny needs the built-in tiny model (moe_colab/models/tiny), "
+        raise FileNotFoundError("--routing tiny needs the built-in tiny model (moe_colab/tiny/weights), "
                                 "which this install lacks; use --routing mixtral-table5 or synthetic:P")
     tok = AutoTokenizer.from_pretrained(path)
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -238,7 +238,7 @@ def make_routing(spec: str, *, num_layers: int, num_experts: int, top_k: int, to
             trace = tiny_trace(tokens)
             desc = "recorded from the built-in tiny model reading argparse.py (teacher-forced)"
         else:
-            from .routing import RoutingTrace
+            from ..analysis.routing import RoutingTrace
             trace = RoutingTrace.load(spec.split(":", 1)[1])
             desc = f"replayed from {spec.split(':', 1)[1]}"
         if (trace.num_experts, trace.top_k) != (num_experts, top_k):
