@@ -1,14 +1,15 @@
 """Where the decode time of the offloaded full-size model goes: A/B variants and a trace.
 
 Builds Mixtral-8x7B's shapes with synthetic paper-2bit experts once (as `python -m moe_colab
-bench` does), then for each variant of the engine's host synchronisation decodes the same
-prompt with the rows full / no_prefetch / no_cache, and profiles a few tokens of the full row:
+bench` does), then for each variant of the engine's settings decodes the same prompt with the
+rows full / no_prefetch / no_cache (one engine per row and variant over the one store, built
+with that OffloadOptions), and profiles a few tokens of the full row:
 
-    copy     the current block, host values gathered by kernels, then one small D2H copy
-    mapped   the current block, kernels write straight into mapped pinned host memory
-    nographs mapped, with moe_colab.engine.graphs switched off (every one-token call eager)
+    copy     OffloadOptions(host_sync="copy"): host values gathered by kernels, one small D2H copy
+    mapped   host_sync="mapped": kernels write straight into mapped pinned host memory
+    nographs mapped, with cuda_graphs=False (every one-token call eager)
 
-(copy and mapped run with moe_colab.engine.graphs on.)
+(copy and mapped run with CUDA graphs on.)
 
 The trace analysis prints, per decoded token: memcpys on the compute stream (count, mean and
 max duration), the copy stream's busy share, and how long the host waited in synchronisations.
@@ -29,23 +30,23 @@ from pathlib import Path
 
 import torch
 
-from moe_colab.bench.run import configure
-from moe_colab.bench.measure import timed_run
-from moe_colab.bench.replay import make_routing, moe_blocks
+from moe_colab.bench.measure import release, timed_run
+from moe_colab.bench.replay import make_routing
 from moe_colab.bench.synthetic import bench_config, build_offloaded, make_store
+from moe_colab.config import OffloadOptions
 from moe_colab.quant.config import resolve_quant
 
 VARIANTS = ("copy", "mapped", "nographs")
 
 
-def set_variant(model, name: str) -> None:
-    from moe_colab.engine import graphs
-    if name not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
-    cache = model.moe_cache
-    cache._host_ints = None                      # rebuilt on the next sync
-    cache.mapped_sync = name in ("mapped", "nographs")
-    graphs.ENABLED = name != "nographs"
+ROWS = {"full": {}, "no_prefetch": {"prefetch": 0}, "no_cache": {"prefetch": 0, "reuse": False}}
+
+
+def options(variant: str, row: str, cuda: bool) -> OffloadOptions:
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return OffloadOptions(experts_on_device=4, prefetch=2, host_sync="copy" if variant == "copy" else "mapped",
+                          cuda_graphs=cuda and variant != "nographs", **ROWS[row])
 
 
 def annotate(model):
@@ -71,9 +72,9 @@ def annotate(model):
         wrap(MixtralAdapter.moe_block(layer), "forward", "L:moe")
         spec = MixtralAdapter.moe_block(layer).speculator
         if spec is not None:
-            wrap(spec, "_guess", "M:guess")
+            wrap(spec, "guess_fn", "M:guess")
     cache = model.moe_cache
-    wrap(cache, "to_host", "M:sync")
+    wrap(cache, "sync", "M:sync")
     wrap(cache, "_load", "M:issue_copy")
     wrap(cache.store.format, "forward", "M:expert_forward")
 
@@ -159,31 +160,28 @@ def main() -> None:
     qcfg = resolve_quant(a.quant)
     t = time.perf_counter()
     store = make_store(cfg, qcfg, dev, dtype, 0)
-    model = build_offloaded(cfg, qcfg, store, device=dev, dtype=dtype, experts_on_device=4, prefetch=2)
     print(f"built in {time.perf_counter() - t:.1f} s", flush=True)
     replay = make_routing("mixtral-table5", num_layers=cfg.num_hidden_layers, num_experts=8, top_k=2,
                           tokens=64 + a.tokens + 8, recall=0.8, count=2, device=dev)
-    replay.install(model)
-    speculators = [b.speculator for b in moe_blocks(model)]
     ids = torch.randint(3, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(dev)
 
-    def reset():
-        model.moe_cache.clear()
+    def engine(variant, row):
+        model = build_offloaded(cfg, qcfg, store, options(variant, row, cuda), device=dev, dtype=dtype,
+                                strategies=replay.strategies())
         replay.reset()
+        return model
     variants = a.variants.split(",")
-    for v in variants:
-        set_variant(model, v)
     rows = a.rows.split(",")
     results = {v: {r: {"decode_tok_s": []} for r in rows} for v in variants}
     with torch.no_grad():
         # Interleaved (rep, row, variant) so that drifts of the machine hit every variant alike.
         for rep in range(a.runs + 1):
             for row in rows:
-                configure(model, row, speculators)
                 for variant in variants:
-                    set_variant(model, variant)
-                    reset()
+                    model = engine(variant, row)
                     r = timed_run(model, ids, 2 if rep == 0 else a.tokens, device=dev, stats_fn=model.offload_stats)
+                    del model
+                    release(dev)
                     if rep == 0:                      # warm-up
                         continue
                     s = r["decode_stats"]
@@ -197,15 +195,18 @@ def main() -> None:
                 res = results[variant][row]
                 res["median"] = statistics.median(res["decode_tok_s"])
                 print(f"{variant:7s} {row:12s} {res}", flush=True)
-        configure(model, "full", speculators)
         for variant in variants:
-            set_variant(model, variant)
+            model = engine(variant, "full")
             from torch.profiler import ProfilerActivity, profile
             prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-            reset()
+            timed_run(model, ids, 2, device=dev, stats_fn=model.offload_stats)      # graphs captured
+            model.moe_cache.clear()
+            replay.reset()
             undo = annotate(model)
             r = timed_run(model, ids, a.trace_tokens, device=dev, stats_fn=model.offload_stats, decode_context=prof)
             undo()
+            del model
+            release(dev)
             raw = out / f"trace_{variant}.json"
             prof.export_chrome_trace(str(raw))
             gz = raw.with_suffix(".json.gz")

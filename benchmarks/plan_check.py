@@ -33,6 +33,7 @@ import torch
 
 from moe_colab.bench.measure import PeakRSS, machine_info, timed_run
 from moe_colab.bench.synthetic import bench_config, build_offloaded, make_store
+from moe_colab.config import OffloadOptions
 from moe_colab.planner import COLAB_T4, GiB, plan
 from moe_colab.quant.config import resolve_quant
 
@@ -51,8 +52,9 @@ def check(qname: str, device, decode: int) -> dict:
     t0 = time.perf_counter()
     with PeakRSS(interval=0.02, device=device) as peaks:
         store = make_store(cfg, qcfg, device, torch.float16, 0, device_first=p.experts_on_device if p.swap else 0)
-        model = build_offloaded(cfg, qcfg, store, device=device, dtype=torch.float16,
-                                experts_on_device=p.experts_on_device, prefetch=2)
+        model = build_offloaded(cfg, qcfg, store, OffloadOptions.defaults(
+                                    experts_on_device=p.experts_on_device, prefetch=2, swap=p.swap),
+                                device=device, dtype=torch.float16)
         built = time.perf_counter() - t0
         prompt = p.max_context - decode
         ids = torch.randint(3, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)

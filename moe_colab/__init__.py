@@ -1,14 +1,26 @@
 """moe_colab: run Mixtral-8x7B on a free Colab T4 by offloading experts, and learn why it works.
 
-Public names (imported lazily, so ``import moe_colab`` stays fast):
+Public names (imported lazily, so ``import moe_colab`` stays fast and pulls no plotly):
 
-    load_model, offload stats    moe_colab.model
-    quantize, QuantConfig        moe_colab.quant
+    load_model, model_path       moe_colab.model
+    OffloadOptions               moe_colab.config (every engine setting, one frozen object)
+    quantize                     moe_colab.convert.quantize
+    QuantConfig                  moe_colab.quant.config
     estimate_size                moe_colab.quant.size
     plan                         moe_colab.planner
     RoutingTrace, record_routing moe_colab.analysis.routing
     simulate_cache               moe_colab.analysis.simulate
-    graphs                       moe_colab.engine.graphs (the module: graphs.ENABLED switches CUDA graphs)
+
+The rooms (subpackages, also reachable as attributes: ``moe_colab.engine``, ...):
+
+    engine/    the paper's idea: storage, cache, prefetch, moe_block, graphs, build_engine
+    quant/     the low-bit format: HQQ via hqq, packing, Triton kernels
+    convert/   writing and reading quantized directories (local, Hub, the authors' layout)
+    analysis/  routing traces, locality, cache and prefetch simulation
+    notebook/  widgets and runtime checks for the notebooks
+    bench/     the GPU benchmark
+    tiny/      the built-in model: its trainer, data, card and weights
+    adapters/  one module per MoE family
 
 Reference: Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with
 Offloading", arXiv 2312.17238.
@@ -22,6 +34,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_model": "moe_colab.model",
     "model_path": "moe_colab.model",
+    "OffloadOptions": "moe_colab.config",
     "quantize": "moe_colab.convert.quantize",
     "QuantConfig": "moe_colab.quant.config",
     "estimate_size": "moe_colab.quant.size",
@@ -33,8 +46,8 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-_SUBMODULES = ("graphs",)
+_SUBMODULES = ("engine", "quant", "convert", "analysis", "notebook", "bench", "tiny", "adapters",
+               "config", "planner", "memory", "checkpoint", "model")
 
 
 def __getattr__(name: str):

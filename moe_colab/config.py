@@ -1,14 +1,16 @@
-"""Named presets: model shapes and offloading settings.
+"""Settings: named model presets, and the engine's one options object.
 
 A preset is plain data (like nanoGPT's GPTConfig), so notebooks, the planner and the benchmark
 can build a config without touching any weights. Quantization presets live in
-``moe_colab.quant.config``.
+``moe_colab.quant.config``. ``OffloadOptions`` holds every engine setting; the library keeps
+no process-wide switches, and environment variables (``ENVIRONMENT``) only set defaults.
 
 References: Mixtral-8x7B shapes from arXiv 2401.04088 and ../shared/reference/paper.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 # Keyword arguments for transformers.MixtralConfig.
 MODEL_PRESETS: dict[str, dict] = {
@@ -50,19 +52,88 @@ def mixtral_config(name: str, **overrides):
     return MixtralConfig(**{**MODEL_PRESETS[name], **overrides})
 
 
+# Every environment variable moe_colab reads, in one place (docs/engine.md lists them too).
+# They only set DEFAULTS: an argument passed in code always wins.
+ENVIRONMENT: dict[str, str] = {
+    "MOE_COLAB_CUDA_GRAPHS": "default of OffloadOptions.cuda_graphs: 1 on, 0 off (default off)",
+    "MOE_COLAB_HOST_SYNC": "default of OffloadOptions.host_sync: 'mapped' or 'copy'",
+    "MOE_COLAB_KERNELS": "default of OffloadOptions.kernels: 'auto', 'triton' or 'torch'",
+    "MOE_COLAB_DEVICE_BYTES": "device budget of the planner and load_model's checks, e.g. '15GiB' (default: measured)",
+    "MOE_COLAB_HOST_BYTES": "host budget of the planner and load_model's checks, e.g. '12.7GB' (default: measured)",
+    "MOE_COLAB_MODEL": "notebooks: the checkpoint used instead of the built-in tiny model",
+    "MOE_COLAB_MIXTRAL": "notebooks: a quantized Mixtral directory for the real-model path",
+    "MOE_COLAB_STATIC": "notebooks: 1 draws static figures instead of live widgets",
+    "MOE_COLAB_DEBUG": "the command line: 1 shows the Python traceback of a user error",
+    "MOE_COLAB_TEST_THREADS": "tests: torch threads (default 1)",
+    "MOE_COLAB_SOAK_OUT": "tests: where the GPU soak test writes its JSON",
+    "MOE_COLAB_SAVE_SCREENSHOT": "tests: where the browser test saves its screenshot",
+}
+
+GUESS_SOURCES = ("auto", "before", "after")
+HOST_SYNCS = ("mapped", "copy")
+KERNELS = ("auto", "triton", "torch")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return default
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"${name}={value!r}: expected 1 or 0")
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"${name}={value!r}: expected one of {choices}")
+    return value
+
+
 @dataclass(frozen=True)
-class OffloadConfig:
-    """How many experts of each layer live on the compute device, and how many to guess ahead."""
+class OffloadOptions:
+    """Every setting of the offloading engine, built once, validated once, kept on the model
+    (``model.offload_options``). ``OffloadOptions.defaults(**changes)`` fills what is not given
+    from the environment (``ENVIRONMENT``), then from the defaults below."""
 
-    experts_on_device: int = 4   # LRU slots per layer (the paper: 4 of 8 on a T4, 2 on 12 GB)
+    experts_on_device: int = 4   # device slots per layer (the paper: 4 of 8 on a T4, 2 on 12 GB)
     prefetch: int = 2            # experts of layer l+1 loaded speculatively while layer l runs
-    guess_from: str = "auto"     # which hidden state feeds the next router: see prefetch.py
+    guess_from: str = "auto"     # the hidden state of that guess: engine/prefetch.py, guess_source
+    swap: bool = False           # an expert lives on the device OR the host (engine/storage.py)
+    cuda_graphs: bool = False    # replay one-token matmuls as CUDA graphs (engine/graphs.py)
+    host_sync: str = "mapped"    # how the router's choice reaches the host (engine/hostsync.py)
+    reuse: bool = True           # False: every use is a miss (the benchmark's "no cache" row)
+    kernels: str = "auto"        # low-bit matmuls: Triton where it runs, else torch (engine/compute.py)
 
-    def validate(self, num_experts: int) -> None:
+    @classmethod
+    def defaults(cls, **changes) -> "OffloadOptions":
+        """Options with the environment's defaults; keyword arguments (not None) win."""
+        env = dict(cuda_graphs=_env_flag("MOE_COLAB_CUDA_GRAPHS", False),
+                   host_sync=_env_choice("MOE_COLAB_HOST_SYNC", "mapped", HOST_SYNCS),
+                   kernels=_env_choice("MOE_COLAB_KERNELS", "auto", KERNELS))
+        return cls(**{**env, **{k: v for k, v in changes.items() if v is not None}})
+
+    def validate(self, num_experts: int) -> "OffloadOptions":
+        """Raise TypeError/ValueError naming the bad setting; return self."""
         _check_count("experts_on_device", self.experts_on_device, 1, num_experts)
         _check_count("prefetch", self.prefetch, 0, num_experts)
-        if self.guess_from not in ("auto", "before", "after"):
-            raise ValueError(f"guess_from must be 'auto', 'before' or 'after', got {self.guess_from!r}")
+        for name, value, choices in (("guess_from", self.guess_from, GUESS_SOURCES),
+                                     ("host_sync", self.host_sync, HOST_SYNCS),
+                                     ("kernels", self.kernels, KERNELS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        for name in ("swap", "cuda_graphs", "reuse"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.swap and not self.reuse:
+            raise ValueError("reuse=False (no cache) needs copy mode: in swap mode a slot holds the only "
+                             "copy of its expert")
+        return self
+
+    def replace(self, **changes) -> "OffloadOptions":
+        return replace(self, **changes)
 
 
 def _check_count(name: str, value, lowest: int, num_experts: int) -> None:

@@ -17,6 +17,7 @@ from moe_colab.bench import run as bench
 from moe_colab.bench.replay import (ReplayRouting, chance_overlap, consecutive_overlap, make_routing,
                                      synthetic_experts, table5_overlap)
 from moe_colab.bench.synthetic import bench_config, build_offloaded, fill_quant_, generator, make_store
+from moe_colab.config import OffloadOptions
 from moe_colab.quant.config import resolve_quant
 from moe_colab.quant.packing import dequantize, tensor_shapes
 
@@ -135,16 +136,16 @@ def test_replay_walks_the_trace_and_guesses_the_next_layer():
     e = synthetic_experts([0.5] * 3, 10, 8, 2, seed=4)
     r = ReplayRouting(e, 8, recall=1.0, count=2)
     x = torch.zeros(4, 16)
-    w, i = r.route(0, x)                                  # prompt of 4 tokens
+    w, i = r.route(0, None, x)                                  # prompt of 4 tokens
     assert torch.equal(i, e[0, :4]) and w.shape == (4, 2)
     assert set(r.guess(1).tolist()) <= set(e[1, :4].reshape(-1).tolist())
-    _, i = r.route(0, x[:1])                              # then one decoded token
+    _, i = r.route(0, None, x[:1])                              # then one decoded token
     assert torch.equal(i, e[0, 4:5])
     assert set(r.guess(1).tolist()) == set(e[1, 4].tolist())
     with pytest.raises(RuntimeError, match="trace has 10 tokens"):
-        r.route(0, torch.zeros(6, 16))
+        r.route(0, None, torch.zeros(6, 16))
     r.reset()
-    assert torch.equal(r.route(0, x[:1])[1], e[0, :1])
+    assert torch.equal(r.route(0, None, x[:1])[1], e[0, :1])
 
 
 def test_trace_file_routing_tiles_layers(tmp_path):
@@ -180,8 +181,8 @@ def test_offloaded_model_matches_naive_model_logits():
     store = make_store(cfg, q, "cpu", torch.float32, seed=7)
     ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model = build_offloaded(cfg, q, store, device="cpu", dtype=torch.float32, experts_on_device=2,
-                                prefetch=1, seed=7)
+        model = build_offloaded(cfg, q, store, OffloadOptions(experts_on_device=2, prefetch=1), device="cpu",
+                                dtype=torch.float32, seed=7)
         a = model(ids).logits
         with tempfile.TemporaryDirectory() as d:
             naive, info = build_naive(cfg, q, store, device="cpu", dtype=torch.float32, seed=7,
@@ -243,6 +244,6 @@ def test_replay_reset_repeats_prompt_chunk_guesses():
     def once():
         r.reset()
         for layer in range(3):
-            r.route(layer, x)
+            r.route(layer, None, x)
         return [r.guess(layer).tolist() for layer in (1, 2)]
     assert once() == once()

@@ -2,6 +2,8 @@
 prefetch rules, statistics, and a consistent state after an interrupt."""
 from __future__ import annotations
 
+from contextlib import closing
+
 import pytest
 import torch
 
@@ -29,6 +31,13 @@ def consistent(cache):
             assert torch.equal(slot.buffer.cpu(), cache.store.buffer(l, e))
 
 
+def run_layer(cache, layer, needed, compute, prefetch=None):
+    """Drive one layer as the MoE block does: compute each expert the generator hands over."""
+    with closing(cache.experts(layer, needed, prefetch=prefetch)) as ready:
+        for expert, views in ready:
+            compute(expert, views)
+
+
 def run(cache, layer, needed):
     seen = []
 
@@ -37,7 +46,7 @@ def run(cache, layer, needed):
         assert torch.equal(views["w2"], cache.store.views(layer, expert)["w2"].to(views["w2"].device))
         seen.append(expert)
 
-    cache.run_layer(layer, needed, compute)
+    run_layer(cache, layer, needed, compute)
     return seen
 
 
@@ -144,7 +153,7 @@ def test_interrupt_mid_layer_leaves_a_consistent_cache():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache.run_layer(0, [2, 3, 4], explode)
+        run_layer(cache, 0, [2, 3, 4], explode)
     consistent(cache)
     assert sorted(run(cache, 0, [2, 3])) == [2, 3]   # and it keeps working
     consistent(cache)
@@ -186,7 +195,7 @@ def test_swap_mode_keeps_one_copy_of_each_expert(slots):
         layer = step % 2
         needed = sorted(set(torch.randint(0, E, (3,), generator=g).tolist()))
         seen = []
-        cache.run_layer(layer, needed, lambda e, v: seen.append(
+        run_layer(cache, layer, needed, lambda e, v: seen.append(
             torch.equal(v["w2"], truth.views(layer, e)["w2"])))
         assert all(seen) and len(seen) == len(needed)
         if step % 7 == 0:
@@ -195,5 +204,5 @@ def test_swap_mode_keeps_one_copy_of_each_expert(slots):
     s = cache.stats()
     assert s["bytes_to_host"] > 0
     with pytest.raises(KeyboardInterrupt):
-        cache.run_layer(0, [0, 1, 2, 3, 4, 5], lambda e, v: (_ for _ in ()).throw(KeyboardInterrupt))
+        run_layer(cache, 0, [0, 1, 2, 3, 4, 5], lambda e, v: (_ for _ in ()).throw(KeyboardInterrupt))
     swap_consistent(cache, truth)

@@ -81,7 +81,7 @@ def interrupt_after(module, calls: int, pre: bool = False):
 
 def interrupt_inside_experts(model, calls: int):
     """Raise KeyboardInterrupt from the ``calls``-th expert computation: inside the cache's
-    run_layer, with copies issued and slots half reused."""
+    cache.experts generator, with copies issued and slots half reused."""
     fmt = model.moe_cache.store.format
     real, seen = fmt.forward, {"n": 0}
 

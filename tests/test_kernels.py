@@ -24,6 +24,7 @@ import warnings
 import pytest
 import torch
 
+from moe_colab.engine.compute import ModelCompute
 from moe_colab.quant import kernels, packing
 from moe_colab.engine.storage import PackedLayout
 
@@ -345,31 +346,38 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
         rel = ((w.float() - ref.float()).norm() / ref.float().norm()).item()
         assert rel < (1e-6 if dtype == torch.float32 else 1e-3), rel
     x = torch.randn(3, shape[1], device="cuda", dtype=torch.float16)
+    compute = ModelCompute()
     with warnings.catch_warnings():
         warnings.simplefilter("error")              # Triton works here: no fallback warning
-        y = kernels.quant_linear(x, mat, bits, g, sg, shape)
-    assert kernels._fallback_reason is None
+        y = compute.quant_linear(x, mat, bits, g, sg, shape)
+    assert compute.fallbacks == {}
     assert rel_err(y, packing.quant_linear_torch(x, mat, bits, g, sg, shape)) < 5e-3
 
 
 @pytest.mark.gpu
 @cuda
 def test_gpu_fallback_warns_once(monkeypatch):
-    """If the kernel cannot run on this GPU, quant_linear warns once and uses the torch path."""
+    """If the kernel cannot run on this GPU, the model's ModelCompute warns once, records why,
+    and uses the torch path; another model's ModelCompute is not switched."""
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compile failure")
-    monkeypatch.setattr(kernels, "_fallback_reason", None)
-    monkeypatch.setattr(kernels, "quant_linear_triton", broken)
     bits, (g, sg) = 4, SCHEMES[4]
     mat = random_matrix(bits, (256, 512), g, sg, device="cuda")
     x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    other = ModelCompute()
+    fine = other.quant_linear(x, mat, bits, g, sg, (256, 512))
+    monkeypatch.setattr(kernels, "quant_linear_triton", broken)
+    compute = ModelCompute()
     with pytest.warns(UserWarning, match="simulated compile failure"):
-        y = kernels.quant_linear(x, mat, bits, g, sg, (256, 512))
+        y = compute.quant_linear(x, mat, bits, g, sg, (256, 512))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y2 = kernels.quant_linear(x, mat, bits, g, sg, (256, 512))
+        y2 = compute.quant_linear(x, mat, bits, g, sg, (256, 512))
     ref = packing.quant_linear_torch(x, mat, bits, g, sg, (256, 512))
     assert torch.equal(y, ref) and torch.equal(y2, ref)
+    assert "simulated compile failure" in compute.fallbacks["kernels"]
+    monkeypatch.undo()
+    assert other.fallbacks == {} and torch.equal(other.quant_linear(x, mat, bits, g, sg, (256, 512)), fine)
 
 
 @pytest.mark.gpu

@@ -125,14 +125,17 @@ def test_expert_format_forgets_dropped_slots():
     assert not hasattr(plain, "cached")
 
 
-def test_cuda_graphs_switch(monkeypatch):
-    """moe_colab.engine.graphs is reachable from the package, off unless asked for, and never captures
-    anything for CPU tensors even when on (the CPU path stays eager)."""
+def test_cuda_graphs_switch():
+    """moe_colab.engine.graphs is reachable from the package, off unless asked for (per model, in
+    its ModelCompute), and never captures anything for CPU tensors even when on (the CPU path
+    stays eager)."""
     import moe_colab
+    from moe_colab.engine.compute import ModelCompute
     from moe_colab.engine.graphs import OneTokenGraphs
 
-    monkeypatch.setattr(moe_colab.engine.graphs, "ENABLED", True)
-    g = OneTokenGraphs()
+    assert moe_colab.engine.graphs.OneTokenGraphs is OneTokenGraphs
+    assert OneTokenGraphs().compute.cuda_graphs is False
+    g = OneTokenGraphs(ModelCompute(cuda_graphs=True))
     x = torch.randn(1, 8)
     for _ in range(3):
         assert torch.equal(g.run("k", lambda t: t * 2, x), x * 2)

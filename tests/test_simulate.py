@@ -167,7 +167,8 @@ def test_simulator_counts_what_the_engine_counts(case, data):
         for l in range(L):
             cache.prefetch(l, guesses[l, t, :min(p, size)].tolist())
             needed = sorted(trace.experts[l, t].tolist())
-            cache.run_layer(l, needed, lambda expert, views: None)
+            for _ in cache.experts(l, needed):
+                pass
     sim = simulate_prefetch(trace, guesses, size, p)
     eng = cache.stats()
     for name in ("hits", "misses", "prefetches", "prefetch_hits", "prefetch_wasted"):

@@ -21,27 +21,26 @@ import torch
 from torch import nn
 
 from ..adapters.mixtral import MixtralAdapter
-from .synthetic import synthetic_trunk_state
+from ..engine.moe_block import RouteFn, route_with_router
 from ..quant.format import attach_quant_linears_
+from .synthetic import synthetic_trunk_state
 
 
 class NaiveMoE(nn.Module):
     """A Mixtral MoE block whose experts are rows of one uint8 parameter [experts, nbytes]."""
 
-    def __init__(self, layer_idx: int, router: nn.Module, experts: torch.Tensor, fmt, top_k: int):
+    def __init__(self, layer_idx: int, router: nn.Module, experts: torch.Tensor, fmt, top_k: int,
+                 route: RouteFn = route_with_router):
         super().__init__()
         self.layer_idx, self.top_k, self.format = layer_idx, top_k, fmt
         self.gate = router
         self.experts = nn.Parameter(experts, requires_grad=False)
-        self.route_fn = None        # same replay hook as OffloadedMoE
+        self.route = route          # the same routing strategy as OffloadedMoE's
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                        # [T, H]
-        if self.route_fn is None:
-            _, top_w, top_i = self.gate(x)                              # [T, k] each
-        else:
-            top_w, top_i = self.route_fn(self.layer_idx, x)
+        top_w, top_i = self.route(self.layer_idx, self.gate, x)        # [T, k] each
         flat = top_i.reshape(-1)
         counts = torch.bincount(flat, minlength=self.experts.shape[0]).tolist()
         order = torch.argsort(flat, stable=True)
@@ -75,7 +74,7 @@ def _tensor_bytes(module: nn.Module) -> int:
 
 
 def build_naive(config, qcfg, store, *, device, dtype, seed: int, max_device_bytes: int | None,
-                pinned: bool = False, offload_dir=None):
+                pinned: bool = False, offload_dir=None, route: RouteFn = route_with_router):
     """(model, info): the synthetic model dispatched by accelerate under ``max_device_bytes``.
 
     ``max_device_bytes`` None on a CPU-only machine: 3/4 of the model.
@@ -95,7 +94,8 @@ def build_naive(config, qcfg, store, *, device, dtype, seed: int, max_device_byt
     attach_quant_linears_(model, qcfg, device="meta")
     for l, layer in enumerate(adapter.decoder_layers(model)):
         router = adapter.router(adapter.moe_block(layer))
-        adapter.set_moe_block(layer, NaiveMoE(l, router, store.buffers[l], store.format, adapter.top_k(config)))
+        adapter.set_moe_block(layer, NaiveMoE(l, router, store.buffers[l], store.format, adapter.top_k(config),
+                                              route=route))
     state = synthetic_trunk_state(model, seed, device, dtype)      # the same tensors as the engine's
     _materialize_(model, "cpu")
     targets = dict(model.named_parameters()) | dict(model.named_buffers())

@@ -96,7 +96,7 @@ def guess_experts(truth: list[int], count: int, num_experts: int, recall: float,
 
 
 class ReplayRouting:
-    """Replays experts [L, N, k] through OffloadedMoE.route_fn / Speculator.guess_fn (and NaiveMoE).
+    """Replays experts [L, N, k] as the engine's routing and guessing strategies (and NaiveMoE's).
 
     Each call of layer l consumes the next T tokens of layer l's row, so one run routes tokens
     0..P+D-1 of the trace (P prompt tokens at once, then D decoded tokens); ``reset()`` rewinds.
@@ -138,7 +138,9 @@ class ReplayRouting:
         self.pos = [0] * self.experts.shape[0]
         self.span = [(0, 0)] * self.experts.shape[0]
 
-    def route(self, layer: int, x: torch.Tensor):
+    def route(self, layer: int, router, x: torch.Tensor):
+        """A RouteFn (engine/moe_block.py): the trace's next T tokens of this layer; the router is
+        not called."""
         T, start = x.shape[0], self.pos[layer]
         if start + T > self.num_tokens:
             raise RuntimeError(f"the routing trace has {self.num_tokens} tokens; layer {layer} asked for "
@@ -147,7 +149,8 @@ class ReplayRouting:
         self.span[layer] = (start, T)
         return self._weights[layer, start:start + T].to(x.dtype), self._experts[layer, start:start + T]
 
-    def guess(self, next_layer: int) -> torch.Tensor:
+    def guess(self, next_layer: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """A GuessFn (engine/prefetch.py): the recorded guess for the token just routed."""
         start, T = self.span[next_layer - 1]
         if T == 1:
             return self._guesses[next_layer, start]
@@ -157,13 +160,10 @@ class ReplayRouting:
         g = guess_experts(truth, self.count, self.num_experts, self.recall, self._chunk_rng)
         return torch.tensor(g, dtype=torch.long, device=self.device)
 
-    def install(self, model) -> None:
-        """Route every MoE block of ``model`` (OffloadedMoE or NaiveMoE) through this trace."""
-        for block in moe_blocks(model):
-            block.route_fn = self.route
-            spec = getattr(block, "speculator", None)
-            if spec is not None:
-                spec.guess_fn = self.guess
+    def strategies(self):
+        """What build_engine (and build_naive) take to route and guess through this trace."""
+        from ..engine.build import Strategies
+        return Strategies(route=self.route, guess=self.guess)
 
     def summary(self, prefix: int) -> dict:
         """Measured statistics of the replayed trace: overlap per layer, and guess recall on the

@@ -7,17 +7,19 @@ Rows, measured in one process on the same prompts and the same routing (moe_cola
 
     full         LRU expert cache + speculative prefetch       (the paper's "Full algorithm")
     no_prefetch  LRU cache only, prefetch 0                     ("W/o expert pre-loading")
-    no_cache     every used expert copied on use (cache.reuse = False), prefetch 0
+    no_cache     every used expert copied on use (OffloadOptions(reuse=False)), prefetch 0
                                                                 ("W/o LRU cache & pre-loading")
     naive        accelerate's dispatch_model offloading whole layers (bench_naive.py)
     full_swap    (on request) full, in the engine's swap mode: the host holds E-k+1 experts
                  per layer, what a 12.7 GB Colab needs
 
 The device is capped like a T4 (15 GiB for the process), experts_on_device defaults to the
-paper's demo (4 of 8). Each row reports decode and prefill tokens/s, cache counters, bytes
-copied per token, the host -> device bandwidth measured in this run, and the transfer bound
-(bandwidth / bytes per token). After every row: benchmarks/bench_<name>.json, and the reports
-docs/benchmarks.json, docs/benchmarks.md, docs/figures/benchmarks.svg (bench_report.py).
+paper's demo (4 of 8). Each engine row is its own model, built by build_engine with that row's
+OffloadOptions over one shared store of experts, with the routing replay injected as a strategy.
+Each row reports decode and prefill tokens/s, cache counters, bytes copied per token, the
+host -> device bandwidth measured in this run, and the transfer bound (bandwidth / bytes per
+token). After every row: benchmarks/results/bench_<name>.json; with ``--out DIR`` also the
+reports DIR/benchmarks.json, DIR/benchmarks.md, DIR/figures/benchmarks.svg (report.py).
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, Table 2.
 """
@@ -38,8 +40,11 @@ import torch
 
 from . import measure as bm
 from .report import write_reports
-from .replay import DEFAULT_RECALL, make_routing, moe_blocks
+from .replay import DEFAULT_RECALL, make_routing
 from .synthetic import bench_config, build_offloaded, make_store
+from ..config import OffloadOptions
+from ..engine.build import Strategies
+from ..engine.moe_block import route_with_router
 from ..quant.config import resolve_quant
 from ..quant.format import QuantizedExpertFormat
 
@@ -81,13 +86,14 @@ def parse_args(argv):
     a("--profile-tokens", type=int, default=16)
     a("--profile-trace", action="store_true", help="also write a chrome trace of the profile")
     a("--bandwidth-mb", default="64,128,256,352", help="copy sizes (MiB) for the bandwidth measurement")
-    a("--out", default="docs", help="where benchmarks.md/.json and figures/benchmarks.svg go")
-    a("--results-dir", default="benchmarks", help="where bench_<name>.json goes")
+    a("--out", default=None, help="also write the reports benchmarks.md/.json and figures/benchmarks.svg "
+      "here (e.g. docs); by default only the raw JSON is written")
+    a("--results-dir", default="benchmarks/results", help="where bench_<name>.json goes")
     a("--name", default=None, help="result name (default: a UTC timestamp)")
     a("--seed", type=int, default=0)
     a("--burn-in", type=int, default=128, help="untimed decoded tokens before the first row")
     a("--cuda-graphs", default="on", choices=["on", "off"],
-      help="replay one-token matmuls as CUDA graphs (moe_colab.engine.graphs; off by default in the library)")
+      help="replay one-token matmuls as CUDA graphs (OffloadOptions.cuda_graphs)")
     a("--max-minutes", type=float, default=7.5, help="wall-clock budget; later runs are skipped")
     args = p.parse_args(argv)
     if args.quick:
@@ -106,11 +112,12 @@ def _error(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
 
 
-def configure(model, row: str, speculators: list) -> None:
-    """Switch the one offloaded model between the rows."""
-    for block, spec in zip(moe_blocks(model), speculators):
-        block.speculator = spec if row == "full" else None
-    model.moe_cache.reuse = row != "no_cache"
+def row_options(args, row: str, cuda: bool) -> OffloadOptions:
+    """The engine settings of one row: the paper's ablations differ only in prefetch and reuse."""
+    full = OffloadOptions(experts_on_device=args.experts_on_device, prefetch=args.prefetch,
+                          guess_from=args.guess_from or "auto", cuda_graphs=cuda and args.cuda_graphs == "on")
+    return {"full": full, "no_prefetch": full.replace(prefetch=0),
+            "no_cache": full.replace(prefetch=0, reuse=False), "full_swap": full.replace(swap=True)}[row]
 
 
 class Bench:
@@ -155,6 +162,8 @@ class Bench:
         self.res["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.results_path.write_text(json.dumps(self.res, indent=1))
+        if self.args.out is None:
+            return
         try:
             write_reports(self.res, Path(self.args.out))
         except Exception as e:
@@ -195,7 +204,7 @@ class Bench:
         self.res["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.save()
-        self.log(f"wrote {self.results_path} and {Path(a.out) / 'benchmarks.md'}")
+        self.log(f"wrote {self.results_path}" + (f" and {Path(a.out) / 'benchmarks.md'}" if a.out else ""))
         return self.res
 
     def run_quant(self, qname: str, slot: float) -> None:
@@ -243,43 +252,53 @@ class Bench:
         bm.compare_tokens(q["rows"])
         self.save()
 
-    def offload_rows(self, q: dict, qname: str, qcfg, store, slot: float, t_build: float) -> None:
-        """full, no_prefetch, no_cache on ONE engine model (switched by configure), then the profile."""
-        a, dev, replay = self.args, self.device, self.replay
-        model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype,
-                                experts_on_device=a.experts_on_device, prefetch=a.prefetch, seed=a.seed,
-                                guess_from=a.guess_from)
-        q["build_s"] = round(time.perf_counter() - t_build, 1)
-        self.log(f"  built in {q['build_s']} s: experts {store.host_bytes / GiB:.2f} GiB on the host, "
-                 f"{model.moe_cache.device_bytes / GiB:.2f} GiB of device slots")
-        speculators = [b.speculator for b in moe_blocks(model)]
-        if replay:
-            replay.install(model)
+    def engine(self, qcfg, store, row: str):
+        """A fresh engine model for one row over the shared store; the replay rewound."""
+        strategies = self.replay.strategies() if self.replay else Strategies()
+        return build_offloaded(self.config, qcfg, store, row_options(self.args, row, self.device.type == "cuda"),
+                               device=self.device, dtype=self.dtype, seed=self.args.seed, strategies=strategies)
 
+    def reset_fn(self, model):
         def reset():
-            model.moe_cache.clear()
-            if replay:
-                replay.reset()
-        self.burn_in(q, model, speculators, reset)
+            if not model.moe_cache.store.swap:
+                model.moe_cache.clear()
+            if self.replay:
+                self.replay.reset()
+        return reset
+
+    def offload_rows(self, q: dict, qname: str, qcfg, store, slot: float, t_build: float) -> None:
+        """full, no_prefetch, no_cache: one engine each over ONE store, then the profile."""
+        a, dev = self.args, self.device
+        q["build_s"] = round(time.perf_counter() - t_build, 1)
+        self.log(f"  experts built in {q['build_s']} s: {store.host_bytes / GiB:.2f} GiB on the host")
+        first = True
         for row in [r for r in OFFLOAD_ROWS if r in a.rows]:
+            model = self.engine(qcfg, store, row)
+            reset = self.reset_fn(model)
+            if first:
+                self.log(f"  {model.moe_cache.device_bytes / GiB:.2f} GiB of device slots")
+                self.burn_in(q, model, reset)
+                first = False
             q["rows"][row] = self.row(row, model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
-                                      stats_fn=model.offload_stats, reset_fn=reset,
-                                      setup=lambda r=row: configure(model, r, speculators))
+                                      stats_fn=model.offload_stats, reset_fn=reset, setup=lambda: None)
             self.save()
+            del model, reset
+            bm.release(dev)
         if a.profile:
             try:
-                configure(model, "full", speculators)
-                q["profile"] = self.profile(model, qname, reset)
+                model = self.engine(qcfg, store, "full")
+                q["profile"] = self.profile(model, qname, self.reset_fn(model))
+                del model
             except Exception as e:
                 q["profile"] = _error(e)
                 self.log(f"  profile: FAILED: {q['profile']['error']}")
+            bm.release(dev)
 
-    def burn_in(self, q: dict, model, speculators, reset) -> None:
-        """Untimed decoding in the full configuration before the first row. On the H200 the first
-        row of every process ran at ~60% of its later speed for its first ~250 tokens (cause not
-        found, docs/benchmark_notes.md); the burn-in's own speed is recorded to keep watching it."""
+    def burn_in(self, q: dict, model, reset) -> None:
+        """Untimed decoding before the first row. On the H200 the first row of every process ran
+        at ~60% of its later speed for its first ~250 tokens (cause not found,
+        docs/benchmark_notes.md); the burn-in's own speed is recorded to keep watching it."""
         a, left, speeds = self.args, self.args.burn_in, []
-        configure(model, "full", speculators)
         while left > 0 and time.perf_counter() < self.deadline:
             reset()
             r = bm.timed_run(model, self.prompts[0], min(left, a.decode_tokens), device=self.device,
@@ -314,12 +333,11 @@ class Bench:
         with tempfile.TemporaryDirectory(prefix="moe_colab_naive_") as offload_dir:
             t = time.perf_counter()
             model, info = build_naive(self.config, qcfg, store, device=dev, dtype=self.dtype, seed=a.seed,
-                                      max_device_bytes=budget, pinned=a.naive_pinned, offload_dir=offload_dir)
+                                      max_device_bytes=budget, pinned=a.naive_pinned, offload_dir=offload_dir,
+                                      route=replay.route if replay else route_with_router)
             self.log(f"  naive: dispatched in {time.perf_counter() - t:.1f} s, {len(info['offloaded_modules'])} "
                      f"modules offloaded to {info['offload_tier']} ({info['offloaded_bytes_per_forward'] / GiB:.2f} "
                      f"GiB per forward)")
-            if replay:
-                replay.install(model)
             r = self.row("naive", model, slot, bw, stats_fn=lambda: {"bytes_to_device": bytes_moved(info)},
                          reset_fn=replay.reset if replay else (lambda: None), setup=lambda: None,
                          n_new=a.naive_decode_tokens, runs=a.naive_runs, warmup_prompts=1, warmup_tokens=1)
@@ -333,11 +351,8 @@ class Bench:
         a, dev, replay = self.args, self.device, self.replay
         k = a.experts_on_device
         store = make_store(self.config, qcfg, dev, self.dtype, a.seed, device_first=k)
-        model = build_offloaded(self.config, qcfg, store, device=dev, dtype=self.dtype, experts_on_device=k,
-                                prefetch=a.prefetch, seed=a.seed, guess_from=a.guess_from)
+        model = self.engine(qcfg, store, "full_swap")
         self.log(f"  full_swap: experts {store.host_bytes / GiB:.2f} GiB on the host (swap mode)")
-        if replay:
-            replay.install(model)
         r = self.row("full_swap", model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
                      stats_fn=model.offload_stats, reset_fn=replay.reset if replay else (lambda: None),
                      setup=lambda: None)
@@ -384,17 +399,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
-    from ..engine import graphs
-    was = graphs.ENABLED
-    graphs.ENABLED = args.cuda_graphs == "on"
     try:
         with torch.no_grad():       # scoped: a caller's (or a test's) grad mode is left as it was
             res = Bench(args).run()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        graphs.ENABLED = was
     failed = [f"{q}/{r}" for q, d in res["quants"].items() for r, v in d["rows"].items() if "error" in v]
     failed += [f"{q}/build" for q, d in res["quants"].items() if "build_error" in d]
     if failed:

@@ -13,25 +13,24 @@ Attention projections are QuantLinear modules filled the same way; embeddings, l
 (and norms = 1) are random 16-bit. Every tensor comes from a generator seeded by (seed, name) on
 the compute device, so the naive-offloading model gets bit-identical weights.
 
-    model, store = build_offloaded(config, qcfg, device=..., experts_on_device=4, prefetch=2)
+    store = make_store(config, qcfg, device, dtype, seed)
+    model = build_offloaded(config, qcfg, store, OffloadOptions(experts_on_device=4, prefetch=2), ...)
 
-follows moe_colab.model.load_model: build_trunk -> ExpertStore (copy mode) + QuantizedExpertFormat
--> ExpertCache -> attach_experts (OffloadedMoE blocks, Speculators).
+goes through the same moe_colab.engine.build_engine as load_model; only the weights' source differs.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import zlib
 
 import torch
 
 from ..adapters.mixtral import MixtralAdapter
+from ..config import OffloadOptions, mixtral_config
+from ..engine.build import Strategies, build_engine
 from ..engine.cache import ExpertCache
-from ..config import mixtral_config
-from ..model import attach_experts, build_trunk, load_model
-from ..quant.format import QuantLinear, QuantizedExpertFormat, attach_quant_linears_
 from ..engine.storage import ExpertStore
+from ..quant.format import QuantLinear, QuantizedExpertFormat
 
 # --scale: Mixtral-8x7B itself, or smaller shapes (8 experts, top-2 kept) for smoke tests.
 SCALES = {
@@ -158,22 +157,18 @@ def make_store(config, qcfg, device, dtype, seed: int, progress=None, device_fir
     return store
 
 
-def build_offloaded(config, qcfg, store: ExpertStore, *, device, dtype, experts_on_device: int,
-                    prefetch: int, seed: int = 0, guess_from: str | None = None, progress=None):
-    """The engine's model (OffloadedMoE blocks, an ExpertCache over ``store``) with synthetic
-    trunk weights: what moe_colab.model.load_model assembles, without a checkpoint. A swap-mode
-    store is filled here, through the cache (its first experts live in device slots)."""
+def build_offloaded(config, qcfg, store: ExpertStore, options: OffloadOptions, *, device, dtype, seed: int = 0,
+                    strategies: Strategies = Strategies(), progress=None):
+    """The engine's model over ``store`` with synthetic trunk weights, assembled by build_engine
+    (as load_model does, without a checkpoint). A swap-mode store is filled here, through the
+    cache (its first experts live in device slots); a copy-mode store is shared as it is."""
     adapter = MixtralAdapter()
-    device = torch.device(device)
-    if guess_from is None:      # whatever load_model uses by default
-        guess_from = inspect.signature(load_model).parameters["guess_from"].default
-    model = build_trunk(adapter, config, dtype)                     # meta device
-    attach_quant_linears_(model, qcfg, device="meta")
-    cache = ExpertCache(store, experts_on_device, device)
-    if store.swap:
-        fill_store_(store, seed, device, progress, cache=cache)
-    state = synthetic_trunk_state(model, seed, device, dtype)
-    model = attach_experts(model, adapter, config, cache, state, device=device, prefetch=prefetch,
-                           guess_from=guess_from)
-    del state
-    return model
+    options = options.validate(adapter.num_experts(config))
+
+    def fill(cache, model) -> dict:
+        if store.swap:
+            fill_store_(store, seed, device, progress, cache=cache)
+        return synthetic_trunk_state(model, seed, device, dtype)
+
+    return build_engine(adapter, config, store, options, device=device, dtype=dtype, fill=fill, qcfg=qcfg,
+                        strategies=strategies)

@@ -13,6 +13,16 @@ On CUDA every copy runs on one dedicated copy stream and is ordered with two eve
 so compute never reads a half-written slot and a slot is never overwritten under a kernel.
 On CPU the same code runs with plain synchronous copies.
 
+The MoE block drives a layer with one generator, as the paper's code does:
+
+    with closing(cache.experts(layer, needed, prefetch=guesses)) as ready:
+        for expert, views in ready:         # hits first, then each miss as its copy lands
+            outputs[expert] = fmt.forward(views, x)
+
+The cache issues this layer's misses, then the speculative copies for layer + 1 (so they queue
+behind), and evicts an expert only after it computed (in waves when slots are fewer than the
+experts needed). Closing the generator early (an exception in compute) leaves it consistent.
+
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.1 (LRU caching) and 3.2 (speculative
 expert loading).
 """
@@ -20,10 +30,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Iterator
 
 import torch
 
+from .hostsync import HostSync
 from .storage import ExpertStore
 
 
@@ -40,24 +51,6 @@ class LayerStats:
     def reset(self) -> None:
         for f in fields(self):
             setattr(self, f.name, 0)
-
-
-def mapped_device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """A CUDA tensor aliasing pinned ``host`` memory (zero-copy: kernels write straight to the
-    host), or None where this CUDA/torch cannot map it. Checked by a write before it is trusted."""
-    try:
-        class _Interface:          # CUDA's array interface: how torch adopts foreign device memory
-            __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "<i4", "version": 2,
-                                        "data": (host.data_ptr(), False), "strides": None}
-        view = torch.as_tensor(_Interface(), device=device)
-        view.fill_(-7)
-        torch.cuda.synchronize(device)
-        if not bool((host == -7).all()):
-            return None
-        host.zero_()
-        return view
-    except Exception:
-        return None
 
 
 class Slot:
@@ -87,21 +80,42 @@ class LayerCache:
                 return slot
         return None
 
+    def forget(self) -> None:
+        """Drop every resident expert from the books (its bytes stay until overwritten)."""
+        for slot in self.slots:
+            if slot.expert is not None:
+                del self.lru[slot.expert]
+                slot.expert, slot.prefetched = None, False
+
+
+class KeepResident:
+    """The cache proper: resident experts stay until the LRU rule evicts them."""
+
+    def begin(self, lc: LayerCache) -> None:
+        pass
+
+
+class ForgetResident:
+    """No cache (the benchmark's "no cache" row, ``reuse=False``): every use is a miss."""
+
+    def begin(self, lc: LayerCache) -> None:
+        lc.forget()
+
 
 class ExpertCache:
     """``experts_on_device`` slots per layer in front of an ExpertStore in host memory."""
 
-    def __init__(self, store: ExpertStore, experts_on_device: int, device: torch.device):
+    def __init__(self, store: ExpertStore, experts_on_device: int, device: torch.device, *,
+                 reuse: bool = True, host_sync: str = "mapped"):
         self.store, self.device = store, torch.device(device)
         self.experts_on_device = experts_on_device
-        # reuse=False turns the cache off (every use is a miss): the "no cache" ablation row.
-        self.reuse = True
+        if not reuse and store.swap:
+            raise ValueError("reuse=False (no cache) needs copy mode: in swap mode a slot holds the only "
+                             "copy of its expert")
+        self.policy = KeepResident() if reuse else ForgetResident()
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._host_ints = None                                   # pinned landing buffer, see to_host
-        self._stage, self._mapped = None, False
-        self.mapped_sync = True                                  # False: always copy (benchmarks)
-        self._to_host_done = torch.cuda.Event() if self.cuda else None
+        self.host_sync = HostSync(self.device, host_sync)
         layout = store.format.layout
         self.slot_memory = [torch.empty(experts_on_device, store.nbytes, dtype=torch.uint8, device=self.device)
                             for _ in range(store.num_layers)]
@@ -133,45 +147,81 @@ class ExpertCache:
         (lc.lru[expert].buffer if on_device else self.store.buffer(layer, expert)).copy_(buffer)
         self.store.written[layer][expert].update(("w1", "w2", "w3"))
 
-    def to_host(self, *tensors: torch.Tensor) -> list[int]:
-        """Small integer tensors, concatenated, as one list: the one host sync of a layer.
+    def sync(self, *tensors: torch.Tensor) -> list[int]:
+        """The layer's one host synchronisation: small integer tensors as one list (hostsync.py)."""
+        return self.host_sync.read(*tensors)
 
-        The values are gathered by conversion kernels (int64 -> int32) into a small buffer the
-        host reads after one event wait: pinned host memory mapped into the device's address
-        space where CUDA allows it (the kernels' writes land on the host: no copy to issue),
-        else a device buffer and one small copy into pinned memory. We suspected that a memcpy
-        on the compute stream would queue behind the 60 MB expert copies; an H200 trace showed
-        it does not (docs/benchmark_notes.md), and both variants measured the same there.
+    # -- the two entry points used by the MoE block ----------------------------------------
+    def experts(self, layer: int, needed: list[int], prefetch: list[int] | None = None
+                ) -> Iterator[tuple[int, dict]]:
+        """Yield ``(expert, views)`` once for each needed expert, as soon as it is on the device:
+        resident experts first, then each miss when its copy lands. ``prefetch``: guessed experts
+        of layer + 1, queued right after this layer's first copies (never before them).
+
+        An expert is evicted only after it computed, so with fewer slots than needed experts the
+        slots are reused in waves. The caller computes with ``views`` before asking for the next
+        expert; close the generator (contextlib.closing) if that computation can fail.
         """
-        if not self.cuda:
-            return [v for t in tensors for v in t.reshape(-1).tolist()]
-        n = sum(t.numel() for t in tensors)
-        stage = self._staging(n)
-        o = 0
-        for t in tensors:
-            src = t.reshape(-1)
-            if src.dtype == stage.dtype:          # a same-dtype copy would be a memcpy
-                src = src.long()
-            stage[o:o + src.numel()].copy_(src)
-            o += src.numel()
-        if not self._mapped:
-            self._host_ints[:n].copy_(stage[:n], non_blocking=True)
-        self._to_host_done.record(torch.cuda.current_stream(self.device))
-        self._to_host_done.synchronize()
-        return self._host_ints[:n].tolist()
+        lc = self.layers[layer]
+        self.policy.begin(lc)
+        remaining = set(needed)
+        ready = [e for e in needed if e in lc.lru]            # hits, then misses as issued
+        misses = [e for e in needed if e not in lc.lru]
+        lc.stats.hits += len(ready)
+        lc.stats.misses += len(misses)
+        for e in ready:
+            slot = lc.lru[e]
+            if slot.prefetched:
+                lc.stats.prefetch_hits += 1
+                slot.prefetched = False
+        self._issue(layer, misses, remaining, ready)
+        if prefetch:
+            self.prefetch(layer + 1, prefetch)
+        for expert in ready:                                   # grows while misses are issued
+            slot = lc.lru[expert]
+            lc.lru.move_to_end(expert)
+            stream = torch.cuda.current_stream(self.device) if self.cuda else None
+            if self.cuda:
+                stream.wait_event(slot.ready)
+            try:
+                yield expert, slot.views
+            finally:            # also when the caller stops early: its kernels may read the slot
+                if self.cuda:
+                    slot.released.record(stream)
+            remaining.discard(expert)
+            self._issue(layer, misses, remaining, ready)
+        assert not misses and not remaining, (misses, remaining)
 
-    def _staging(self, n: int) -> torch.Tensor:
-        if self._host_ints is None or self._host_ints.numel() < n:
-            self._host_ints = torch.empty(max(n, 256), dtype=torch.int32, pin_memory=True)
-            self._stage = None
-            if self.mapped_sync:
-                self._stage = mapped_device_view(self._host_ints, self.device)
-            self._mapped = self._stage is not None
-            if self._stage is None:
-                self._stage = torch.empty(self._host_ints.numel(), dtype=torch.int32, device=self.device)
-        return self._stage
+    def prefetch(self, layer: int, guesses: list[int]) -> None:
+        """Start loading guessed experts of ``layer``; never evicts another guess of this round
+        (resident or in flight), so a prefetch cannot undo itself."""
+        lc = self.layers[layer]
+        protected = set(guesses)
+        for expert in guesses:
+            if expert in lc.lru:
+                continue
+            slot = lc.victim(protected)
+            if slot is None:
+                return
+            self._load(layer, slot, expert, prefetched=True)
+            lc.stats.prefetches += 1
+
+    def resident(self, layer: int) -> list[int]:
+        """Experts of ``layer`` on the device, least recently used first."""
+        return list(self.layers[layer].lru)
 
     # -- copies ---------------------------------------------------------------------------
+    def _issue(self, layer: int, misses: list[int], remaining: set, issued: list[int]) -> None:
+        """Copy misses, in order, into slots this step no longer needs; append each to ``issued``."""
+        lc = self.layers[layer]
+        while misses:
+            slot = lc.victim(remaining)
+            if slot is None:
+                return
+            expert = misses.pop(0)
+            self._load(layer, slot, expert, prefetched=False)
+            issued.append(expert)
+
     def _load(self, layer: int, slot: Slot, expert: int, prefetched: bool) -> None:
         lc, store = self.layers[layer], self.store
         if self.cuda:
@@ -207,85 +257,6 @@ class ExpertCache:
         else:
             dst.copy_(src)
 
-    # -- the two entry points used by the MoE block ----------------------------------------
-    def run_layer(self, layer: int, needed: list[int], compute: Callable[[int, dict], None],
-                  after_issue: Callable[[], None] | None = None) -> None:
-        """Make each needed expert resident and call ``compute(expert, views)`` once for each.
-
-        Resident experts compute first while the missing ones are copied; with fewer slots than
-        needed experts, slots are reused in waves (an expert is evicted only after it computed).
-        ``after_issue`` runs once the first copies are queued (the MoE block starts its prefetch
-        for the next layer there, so those copies queue behind this layer's own).
-        """
-        lc = self.layers[layer]
-        if not self.reuse:
-            if self.store.swap:
-                raise RuntimeError("reuse=False (no cache) needs copy mode: in swap mode a slot "
-                                   "holds the only copy of its expert")
-            for slot in lc.slots:
-                if slot.expert is not None:
-                    del lc.lru[slot.expert]
-                    slot.expert, slot.prefetched = None, False
-        remaining = set(needed)
-        hits = [e for e in needed if e in lc.lru]
-        misses = [e for e in needed if e not in lc.lru]
-        lc.stats.hits += len(hits)
-        lc.stats.misses += len(misses)
-        for e in hits:
-            slot = lc.lru[e]
-            if slot.prefetched:
-                lc.stats.prefetch_hits += 1
-                slot.prefetched = False
-        in_flight: list[int] = []
-
-        def issue() -> None:
-            while misses:
-                slot = lc.victim(remaining)
-                if slot is None:
-                    return
-                expert = misses.pop(0)
-                self._load(layer, slot, expert, prefetched=False)
-                in_flight.append(expert)
-
-        def run(expert: int) -> None:
-            slot = lc.lru[expert]
-            lc.lru.move_to_end(expert)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(slot.ready)
-            compute(expert, slot.views)
-            if self.cuda:
-                slot.released.record(torch.cuda.current_stream(self.device))
-            remaining.discard(expert)
-
-        issue()
-        if after_issue is not None:
-            after_issue()
-        for e in hits:
-            run(e)
-            issue()
-        while in_flight:
-            run(in_flight.pop(0))
-            issue()
-        assert not misses and not remaining, (misses, remaining)
-
-    def prefetch(self, layer: int, guesses: list[int]) -> None:
-        """Start loading guessed experts of ``layer``; never evicts another guess of this round
-        (resident or in flight), so a prefetch cannot undo itself."""
-        lc = self.layers[layer]
-        protected = set(guesses)
-        for expert in guesses:
-            if expert in lc.lru:
-                continue
-            slot = lc.victim(protected)
-            if slot is None:
-                return
-            self._load(layer, slot, expert, prefetched=True)
-            lc.stats.prefetches += 1
-
-    def resident(self, layer: int) -> list[int]:
-        """Experts of ``layer`` on the device, least recently used first."""
-        return list(self.layers[layer].lru)
-
     # -- statistics -----------------------------------------------------------------------
     def stats(self, per_layer: bool = False) -> dict:
         names = [f.name for f in fields(LayerStats)]
@@ -309,9 +280,7 @@ class ExpertCache:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for lc in self.layers:
-            lc.lru.clear()
-            for slot in lc.slots:
-                slot.expert, slot.prefetched = None, False
+            lc.forget()
 
     @property
     def device_bytes(self) -> int:

@@ -2,20 +2,23 @@
 
 It keeps the original router (so router outputs, hooks and ``output_router_logits`` behave
 exactly as in transformers) and computes the experts from the ExpertCache instead of from
-parameters. One forward of layer l:
+parameters. One forward of layer l reads top to bottom:
 
-    x [T, H] -> router -> top-k weights, indices [T, k]
-             -> one host sync: the token's k experts (decoding one sequence) or per-expert
-                token counts [E] (a prompt, a batch), and the guess for layer l+1 [p]
-             -> cache.run_layer(l, needed): hits compute at once, misses are copied in
-             -> cache.prefetch(l+1, guess)   (issued right after l's own misses, so it
-                                              overlaps l's expert compute and l+1's attention)
-             -> y [T, H] = sum over chosen experts of weight * expert(x)
+    x [T, H] -> route: top-k weights, indices [T, k]       (the model's router, or an injected
+                                                            replay in the benchmark)
+             -> one host sync: the experts needed (and the early guess for layer l+1)
+             -> for expert, views in cache.experts(l, needed, prefetch=guess):
+                    partial[expert] = weight * expert(x)    (hits first, then each miss as its
+                                                             copy lands; the guessed experts of
+                                                             l+1 queue behind l's own copies)
+             -> y [T, H] = the partial outputs added in ascending expert order
 
-Outputs are accumulated in ascending expert order, as transformers' eager experts do, so the
-result does not depend on which experts happened to be cached.
+so the result does not depend on which experts happened to be cached, prefetched or copied.
 """
 from __future__ import annotations
+
+from contextlib import closing
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,18 +26,26 @@ from torch import nn
 from .cache import ExpertCache
 from .prefetch import Speculator
 
+# (layer, router, x [T, H]) -> (weights [T, k], expert ids [T, k]): who picks the experts.
+RouteFn = Callable[[int, nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def route_with_router(layer: int, router: nn.Module, x: torch.Tensor):
+    """The model's own choice: its router returns (logits, top-k weights, top-k indices)."""
+    _, weights, experts = router(x)
+    return weights, experts
+
 
 class OffloadedMoE(nn.Module):
-    def __init__(self, layer_idx: int, router: nn.Module, cache: ExpertCache, top_k: int,
-                 num_experts: int, speculator: Speculator | None = None):
+    def __init__(self, layer_idx: int, router: nn.Module, cache: ExpertCache, fmt, top_k: int,
+                 num_experts: int, speculator: Speculator | None = None, route: RouteFn = route_with_router):
         super().__init__()
         self.layer_idx, self.top_k, self.num_experts = layer_idx, top_k, num_experts
         self.gate = router                      # same name as transformers' block: hooks still find it
-        self.cache = cache                      # plain attribute: not a submodule, not moved by .to()
+        self.cache = cache                      # plain attributes: not submodules, not moved by .to()
+        self.format = fmt                       # how an expert computes from its packed buffer
         self.speculator = speculator            # guesses layer l+1's experts (None: no prefetch)
-        # Optional replacement of the router's choice, (layer, x [T, H]) -> (weights, indices)
-        # [T, k] each: the benchmark replays recorded routing traces through it.
-        self.route_fn = None
+        self.route = route
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, experts={self.num_experts}, top_k={self.top_k}, "
@@ -44,72 +55,55 @@ class OffloadedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape                                     # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])                        # [T, H]
-        if self.route_fn is None:
-            _, top_w, top_i = self.gate(x)                              # [T, k], [T, k]
-        else:
-            top_w, top_i = self.route_fn(self.layer_idx, x)
+        top_w, top_i = self.route(self.layer_idx, self.gate, x)         # [T, k], [T, k]
         spec = self.speculator
-        guess = spec.guess_before(x) if spec is not None and spec.source == "before" else None
+        early = spec.guess_before(x) if spec is not None and spec.early else None   # [p]
         if x.shape[0] == 1:
-            out = self._one_token(x, top_w, top_i, guess)
+            out = self._one_token(x, top_w, top_i, early)
         else:
-            out = self._tokens(x, top_w, top_i, guess)
-        if spec is not None and spec.source == "after":
-            spec.prefetch(self.cache.to_host(spec.guess_after(out)))
+            out = self._tokens(x, top_w, top_i, early)
+        if spec is not None and not spec.early:
+            self.cache.prefetch(self.layer_idx + 1, self.cache.sync(spec.guess_after(out)))
         return out.reshape(shape)
 
-    def _run(self, needed: list[int], compute, guess, host: list[int], skip: int) -> None:
-        if guess is not None:
-            # Queue behind this layer's own misses (issued first inside run_layer via the hook).
-            self.cache.run_layer(self.layer_idx, needed, compute,
-                                 after_issue=lambda: self.speculator.prefetch(host[skip:]))
-        else:
-            self.cache.run_layer(self.layer_idx, needed, compute)
-
-    def _one_token(self, x, top_w, top_i, guess) -> torch.Tensor:
+    def _one_token(self, x, top_w, top_i, early) -> torch.Tensor:
         """Decoding one sequence: every chosen expert reads all of x [1, H], so no sort and no
         gather, and the host learns the k experts themselves (and the guess) in one sync."""
-        host = self.cache.to_host(top_i) if guess is None else self.cache.to_host(top_i, guess)
-        chosen = host[:self.top_k]                                      # router order
-        w = top_w.reshape(-1, 1)                                        # [k, 1]
-        outputs: dict[int, torch.Tensor] = {}
-
-        def compute(expert: int, views: dict) -> None:
-            j = chosen.index(expert)
-            outputs[expert] = self.cache.store.format.forward(views, x) * w[j:j + 1]   # [1, H]
-
-        self._run(sorted(set(chosen)), compute, guess, host, self.top_k)
+        host = self.cache.sync(top_i) if early is None else self.cache.sync(top_i, early)
+        chosen, guess = host[:self.top_k], host[self.top_k:]          # router order; guess [p]
+        partial: dict[int, torch.Tensor] = {}
+        with closing(self.cache.experts(self.layer_idx, sorted(set(chosen)), prefetch=guess)) as ready:
+            for expert, views in ready:
+                j = chosen.index(expert)
+                partial[expert] = self.format.forward(views, x) * top_w[:, j:j + 1]      # [1, H]
         out = torch.zeros_like(x)
-        for expert in sorted(outputs):
-            out += outputs[expert].to(out.dtype)
+        for expert in sorted(partial):
+            out += partial[expert].to(out.dtype)
         return out
 
-    def _tokens(self, x, top_w, top_i, guess) -> torch.Tensor:
+    def _tokens(self, x, top_w, top_i, early) -> torch.Tensor:
         """Several tokens (a prompt, or a batch): group the (token, expert) pairs by expert."""
         flat = top_i.reshape(-1)                                        # [T*k]
         # scatter_add, not bincount: bincount on CUDA syncs to size its output.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))                             # [E]
-        # The one host synchronisation of the layer: which experts, and the early guess.
-        host = self.cache.to_host(counts) if guess is None else self.cache.to_host(counts, guess)
-        counts_host = host[:self.num_experts]
+        host = self.cache.sync(counts) if early is None else self.cache.sync(counts, early)
+        counts_host, guess = host[:self.num_experts], host[self.num_experts:]
         needed = [e for e, c in enumerate(counts_host) if c]
         order = torch.argsort(flat, stable=True)                        # [T*k] grouped by expert
         offsets = [0]
         for c in counts_host:
             offsets.append(offsets[-1] + c)
         weights_flat = top_w.reshape(-1)
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def compute(expert: int, views: dict) -> None:
-            sel = order[offsets[expert]:offsets[expert + 1]]            # positions in [T*k]
-            tokens = sel // self.top_k                                  # [n]
-            y = self.cache.store.format.forward(views, x[tokens])       # [n, H]
-            outputs[expert] = (tokens, y * weights_flat[sel, None])
-
-        self._run(needed, compute, guess, host, self.num_experts)
+        partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with closing(self.cache.experts(self.layer_idx, needed, prefetch=guess)) as ready:
+            for expert, views in ready:
+                sel = order[offsets[expert]:offsets[expert + 1]]        # positions in [T*k]
+                tokens = sel // self.top_k                              # [n]
+                y = self.format.forward(views, x[tokens])               # [n, H]
+                partial[expert] = (tokens, y * weights_flat[sel, None])
         out = torch.zeros_like(x)
-        for expert in sorted(outputs):
-            tokens, y = outputs[expert]
+        for expert in sorted(partial):
+            tokens, y = partial[expert]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out

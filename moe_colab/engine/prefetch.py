@@ -18,23 +18,38 @@ nearly all of the gap is the layer 0 -> 1 guess (0.784 vs 0.439); from layer 1 o
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from .cache import ExpertCache
+# (next layer, hidden state [T, H]) -> LongTensor [count]: who makes the guess. The engine's own
+# guess applies the next layer's norm and router (Speculator.router_guess); the benchmark injects
+# a replay of a recorded trace instead.
+GuessFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def guess_source(guess_from: str, layer: int) -> str:
+    """The hidden state that layer ``layer``'s guess reads: "auto" is "after" at layer 0 (its
+    experts change the residual stream most; recall 0.784 vs 0.439 on tiny) and "before"
+    elsewhere (about the same recall, and its copies start earlier)."""
+    if guess_from == "auto":
+        return "after" if layer == 0 else "before"
+    if guess_from not in ("before", "after"):
+        raise ValueError(f"guess_from must be 'auto', 'before' or 'after', got {guess_from!r}")
+    return guess_from
 
 
 class Speculator:
-    """Guesses ``count`` experts of layer ``layer + 1`` and asks the cache to prefetch them."""
+    """Guesses ``count`` experts of layer ``layer + 1`` from layer ``layer``'s hidden state."""
 
-    def __init__(self, layer: int, count: int, source: str, cache: ExpertCache,
-                 own_norm: nn.Module, next_norm: nn.Module, next_router: nn.Module):
-        self.layer, self.count, self.source, self.cache = layer, count, source, cache
+    def __init__(self, layer: int, count: int, source: str, own_norm: nn.Module, next_norm: nn.Module,
+                 next_router: nn.Module, guess_fn: GuessFn | None = None):
+        self.layer, self.count, self.source = layer, count, source
+        self.early = source == "before"          # the guess is ready before this layer's experts run
         self.next_norm, self.next_router = next_norm, next_router
+        self.guess_fn: GuessFn = guess_fn if guess_fn is not None else self.router_guess
         self.residual: torch.Tensor | None = None
-        # Optional replacement of the guess, (next layer) -> LongTensor [count]: the benchmark
-        # uses it to replay a trace with a chosen prefetch recall.
-        self.guess_fn = None
         # The residual stream is not an input of the MoE block: catch it on its way into the
         # norm that precedes the block.
         self._hook = own_norm.register_forward_pre_hook(self._catch_residual)
@@ -45,24 +60,21 @@ class Speculator:
     def remove(self) -> None:
         self._hook.remove()
 
-    def _guess(self, hidden: torch.Tensor) -> torch.Tensor:
+    def router_guess(self, next_layer: int, hidden: torch.Tensor) -> torch.Tensor:
         h = self.next_norm(hidden).reshape(-1, hidden.shape[-1])             # [T, H]
         logits = nn.functional.linear(h, self.next_router.weight)            # [T, E]
         score = torch.softmax(logits.float(), dim=-1).sum(dim=0)             # [E] summed over tokens
         return torch.topk(score, self.count).indices                         # [count]
 
     def guess_before(self, x: torch.Tensor) -> torch.Tensor:
-        if self.guess_fn is not None:
-            return self.guess_fn(self.layer + 1)
+        """From the residual stream before this layer's experts (x, the block's input, if the
+        residual was not caught)."""
         residual = self.residual if self.residual is not None else x
-        return self._guess(residual)
+        self.residual = None
+        return self.guess_fn(self.layer + 1, residual)
 
     def guess_after(self, moe_out: torch.Tensor) -> torch.Tensor:
-        if self.guess_fn is not None:
-            return self.guess_fn(self.layer + 1)
+        """From the residual stream after this layer's experts: residual + the block's output."""
         residual = self.residual.reshape(moe_out.shape) if self.residual is not None else 0
-        return self._guess(residual + moe_out)
-
-    def prefetch(self, guesses: list[int]) -> None:
-        self.cache.prefetch(self.layer + 1, guesses)
         self.residual = None
+        return self.guess_fn(self.layer + 1, residual + moe_out)

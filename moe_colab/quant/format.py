@@ -6,47 +6,26 @@
     QuantLinear             nn.Linear replacement holding the same named tensors as buffers
     quantize_trunk_         swap a Mixtral model's attention q/k/v/o projections for QuantLinear
 
-The matmuls go through ``moe_colab.quant.kernels.quant_linear`` (fused Triton dequant + GEMV on
-CUDA) when that module exists, else through the reference ``packing.quant_linear_torch``.
+The matmuls go through the model's ``ModelCompute`` (moe_colab/engine/compute.py): the fused
+Triton kernels on CUDA, the reference ``packing.quant_linear_torch`` on CPU or after a failure
+of Triton on this model. ``bind_compute_`` hands a loaded model's ModelCompute to its modules.
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.2-3.3.
 """
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.compute import ModelCompute
 from ..engine.graphs import OneTokenGraphs
 from ..engine.storage import DenseExpertFormat, PackedLayout, Views
 from .config import QuantConfig
 from .matrix import quantize_matrix
-from .packing import quant_linear_torch, tensor_shapes
+from .packing import tensor_shapes
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-_QUANT_LINEAR = None
-
-
-def quant_linear(x, mat, bits, group_size, scale_group, shape, trusted: bool = False):
-    """x [T, in] -> [T, out]: the kernels' dispatcher if moe_colab.quant.kernels exists, else torch.
-    ``trusted``: mat was validated before (a cache slot's fixed views); skip the per-call checks."""
-    global _QUANT_LINEAR
-    if _QUANT_LINEAR is None:
-        try:
-            _QUANT_LINEAR = importlib.import_module("moe_colab.quant.kernels").quant_linear
-        except ModuleNotFoundError as e:
-            if e.name != "moe_colab.quant.kernels":
-                warnings.warn(f"moe_colab.quant.kernels could not be imported ({e}); using the torch path")
-            _QUANT_LINEAR = quant_linear_torch
-        except (ImportError, AttributeError) as e:
-            warnings.warn(f"moe_colab.quant.kernels could not be imported ({e}); using the torch path")
-            _QUANT_LINEAR = quant_linear_torch
-    if trusted and _QUANT_LINEAR is not quant_linear_torch:
-        return _QUANT_LINEAR(x, mat, bits, group_size, scale_group, shape, trusted=True)
-    return _QUANT_LINEAR(x, mat, bits, group_size, scale_group, shape)
 
 
 class QuantizedExpertFormat:
@@ -55,12 +34,13 @@ class QuantizedExpertFormat:
     names = ("w1", "w2", "w3")
 
     def __init__(self, hidden: int, intermediate: int, qcfg: QuantConfig, dtype: torch.dtype = torch.float16,
-                 act=F.silu):
+                 act=F.silu, compute: ModelCompute | None = None):
         bits, group_size, scale_group = qcfg.matrix("expert")
         if bits == 16:
             raise ValueError("expert_bits=16: experts are not quantized; use storage.DenseExpertFormat "
                              "(or quant.format.expert_format, which picks the right one)")
         self.hidden, self.intermediate, self.qcfg, self.dtype, self.act = hidden, intermediate, qcfg, dtype, act
+        self.compute = compute if compute is not None else ModelCompute()
         self.bits, self.group_size, self.scale_group = bits, group_size, scale_group
         self.shapes = {"w1": (intermediate, hidden), "w2": (hidden, intermediate), "w3": (intermediate, hidden)}
         entries = []
@@ -95,19 +75,21 @@ class QuantizedExpertFormat:
         if state is None:
             m = self.matrices(views)
             if isinstance(views, Views):
-                views.cached = (m, OneTokenGraphs())
+                views.cached = (m, OneTokenGraphs(self.compute))
             return self._forward(m, x, trusted=False)
         m, graphs = state
         return graphs.run("expert", lambda xs: self._forward(m, xs, trusted=True), x)
 
     def _forward(self, m, x, trusted):
         q = (self.bits, self.group_size, self.scale_group)
-        gate = quant_linear(x, m["w1"], *q, self.shapes["w1"], trusted)          # [T, I]
-        up = quant_linear(x, m["w3"], *q, self.shapes["w3"], trusted)            # [T, I]
-        return quant_linear(self.act(gate) * up, m["w2"], *q, self.shapes["w2"], trusted)   # [T, H]
+        linear = self.compute.quant_linear
+        gate = linear(x, m["w1"], *q, self.shapes["w1"], trusted)                 # [T, I]
+        up = linear(x, m["w3"], *q, self.shapes["w3"], trusted)                   # [T, I]
+        return linear(self.act(gate) * up, m["w2"], *q, self.shapes["w2"], trusted)   # [T, H]
 
 
-def expert_format(config, qcfg: QuantConfig | None, dtype: torch.dtype = torch.float16, act=None):
+def expert_format(config, qcfg: QuantConfig | None, dtype: torch.dtype = torch.float16, act=None,
+                  compute: ModelCompute | None = None):
     """The ExpertFormat for a MixtralConfig and scheme: dense for None or expert_bits=16."""
     if act is None:
         from transformers.activations import ACT2FN
@@ -115,14 +97,15 @@ def expert_format(config, qcfg: QuantConfig | None, dtype: torch.dtype = torch.f
     h, i = config.hidden_size, config.intermediate_size
     if qcfg is None or qcfg.expert_bits == 16:
         return DenseExpertFormat(h, i, dtype, act)
-    return QuantizedExpertFormat(h, i, qcfg, dtype, act)
+    return QuantizedExpertFormat(h, i, qcfg, dtype, act, compute)
 
 
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored in the low-bit format (buffers q4|q2|q1, s_*, z_*)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, scale_group: int,
-                 bias: bool = False, device=None, dtype: torch.dtype = torch.float16):
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.float16,
+                 compute: ModelCompute | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.scale_group = bits, group_size, scale_group
@@ -130,7 +113,12 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._checked, self._checked_dtype = None, None
-        self._graphs = OneTokenGraphs()
+        self.bind(compute if compute is not None else ModelCompute())
+
+    def bind(self, compute: ModelCompute) -> None:
+        """Run through ``compute`` (a loaded model's shared ModelCompute) from now on."""
+        self.compute = compute
+        self._graphs = OneTokenGraphs(compute)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, scale_group: int, device=None):
@@ -155,9 +143,9 @@ class QuantLinear(nn.Module):
         key = tuple((t.data_ptr(), t.shape) for t in mat.values())   # checked once per set of buffers
         if key == self._checked and x.dtype == self._checked_dtype:
             # Known buffers: one-token calls replay a CUDA graph from the second on (moe_colab.engine.graphs).
-            y = self._graphs.run(key, lambda xs: quant_linear(xs, mat, *args, trusted=True), x2)
+            y = self._graphs.run(key, lambda xs: self.compute.quant_linear(xs, mat, *args, trusted=True), x2)
         else:
-            y = quant_linear(x2, mat, *args)                                      # [T, out]
+            y = self.compute.quant_linear(x2, mat, *args)                         # [T, out]
             self._checked, self._checked_dtype = key, x.dtype
             self._graphs.clear()                 # graphs of replaced buffers would keep them alive
         if self.bias is not None:
@@ -203,4 +191,12 @@ def attach_quant_linears_(model, qcfg: QuantConfig | None, *, device=None):
             setattr(attn, name, QuantLinear(lin.in_features, lin.out_features, bits, g, sg,
                                             bias=lin.bias is not None, device=device,
                                             dtype=lin.weight.dtype))
+    return model
+
+
+def bind_compute_(model, compute: ModelCompute):
+    """Hand ``compute`` to every QuantLinear of ``model``; returns the model."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.bind(compute)
     return model

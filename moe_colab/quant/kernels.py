@@ -21,8 +21,9 @@ it); x is padded to 16 rows. Above T = 16 (prefill) the matrix is dequantized on
 kernel and multiplied by cuBLAS ("dequant"). Register use of every launch is checked for sm_75
 and sm_90 without a GPU by benchmarks/kernels_compile.py.
 
-`quant_linear` dispatches: Triton on CUDA; the torch reference (packing.quant_linear_torch) on
-CPU or when Triton is missing or fails to compile (warned once). The kernels run on CPU tensors
+`quant_linear` dispatches: Triton on CUDA, the torch reference (packing.quant_linear_torch) on
+CPU. Falling back when Triton is missing or fails is a per-model decision, taken by
+moe_colab.engine.compute.ModelCompute (warned once, recorded in offload_stats()). The kernels run on CPU tensors
 only under Triton's interpreter: TRITON_INTERPRET=1 set before this module is imported.
 
 Format: notes/quant_format.md, moe_colab/quant/packing.py. Reference: Eliseev & Mazur,
@@ -31,7 +32,6 @@ arXiv 2312.17238, section 3.3; HQQ (Badri & Shaji 2023).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    _TRITON_ERROR = None
+    TRITON_ERROR = None
 except Exception as e:  # no triton wheel (e.g. Windows, CPU-only installs)
     triton = tl = None
-    _TRITON_ERROR = f"{type(e).__name__}: {e}"
+    TRITON_ERROR = f"{type(e).__name__}: {e}"
 
 MAX_FUSED_T = 16       # above this many rows the dequantize-then-cuBLAS path is faster
 # On sm_80+, fp16/bf16 2-bit rows from this count use tensor cores (tl.dot). Measured on an H200
@@ -190,8 +190,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _check(x, mat, bits, group_size, scale_group, shape) -> tuple[int, int]:
-    """Validate one call; returns (out, in)."""
+def check_call(x, mat, bits, group_size, scale_group, shape) -> tuple[int, int]:
+    """Validate one call (shapes, dtypes, devices; raises naming the tensor); returns (out, in)."""
     if bits not in PLANES:
         raise ValueError(f"unsupported bit width {bits!r}; the kernels handle {sorted(PLANES)}")
     n, k = (int(s) for s in shape)
@@ -241,7 +241,7 @@ def dequantize_triton(mat, bits, group_size, scale_group, shape, dtype=torch.flo
     n, k = (int(s) for s in shape)
     probe = mat["q4"] if bits == 4 else mat.get("q2", next(iter(mat.values())))
     if _check_input:
-        _check(torch.empty(0, k, device=probe.device, dtype=torch.float32), mat, bits, group_size,
+        check_call(torch.empty(0, k, device=probe.device, dtype=torch.float32), mat, bits, group_size,
                scale_group, shape)
     r0, r1 = rows or (0, n)
     if not 0 <= r0 < r1 <= n:
@@ -339,8 +339,8 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
     in x's dtype. ``path`` "auto" | "fma" | "dot" | "dequant"; ``split_k``, ``block_n`` and
     ``num_warps`` override launch_config's choice (tests and benchmarks)."""
     if triton is None:
-        raise RuntimeError(f"Triton is not available ({_TRITON_ERROR})")
-    n, k = (int(shape[0]), int(shape[1])) if trusted else _check(x, mat, bits, group_size, scale_group, shape)
+        raise RuntimeError(f"Triton is not available ({TRITON_ERROR})")
+    n, k = (int(shape[0]), int(shape[1])) if trusted else check_call(x, mat, bits, group_size, scale_group, shape)
     if not x.is_cuda and not interpreting():
         raise RuntimeError("quant_linear_triton got CPU tensors: Triton runs on CPU only under its "
                            "interpreter (set TRITON_INTERPRET=1 before importing moe_colab.quant.kernels)")
@@ -377,9 +377,6 @@ def quant_linear_triton(x, mat, bits, group_size, scale_group, shape, *, out=Non
     return y.view(*lead, n)
 
 
-_fallback_reason: str | None = None   # set once Triton has failed; then the torch path is used
-
-
 def _torch_path(x, mat, bits, group_size, scale_group, shape):
     from moe_colab.quant.packing import quant_linear_torch
     k = x.shape[-1]
@@ -387,31 +384,12 @@ def _torch_path(x, mat, bits, group_size, scale_group, shape):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto", trusted=False) -> torch.Tensor:
-    """x [..., in] -> x @ W.T [..., out] in x's dtype. backend "auto": Triton on CUDA (the torch
-    path, warned once, if Triton is missing or fails), torch on CPU; "triton" | "torch" force one.
-    ``trusted``: x and mat were validated before (the engine's slots); skip the per-call checks."""
-    global _fallback_reason
+def quant_linear(x, mat, bits, group_size, scale_group, shape, *, backend="auto") -> torch.Tensor:
+    """x [..., in] -> x @ W.T [..., out] in x's dtype. backend "auto": Triton on CUDA, torch on
+    CPU; "triton" | "torch" force one. A failure raises: falling back to the torch path is a
+    per-model decision (moe_colab.engine.compute.ModelCompute), not this function's."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; choose auto, triton or torch")
-    if backend == "triton":
-        return quant_linear_triton(x, mat, bits, group_size, scale_group, shape)
-    if backend == "torch" or not x.is_cuda:
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return _torch_path(x, mat, bits, group_size, scale_group, shape)
-    if not trusted:
-        _check(x, mat, bits, group_size, scale_group, shape)   # bad input raises, never falls back
-    if _fallback_reason is None and triton is None:
-        _fallback_reason = f"Triton is not available ({_TRITON_ERROR})"
-        warnings.warn(f"moe_colab: {_fallback_reason}; using the slower torch dequantize path", stacklevel=2)
-    if _fallback_reason is None:
-        try:
-            return quant_linear_triton(x, mat, bits, group_size, scale_group, shape, trusted=True)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # compile failure on this GPU / Triton version
-            if torch.cuda.is_current_stream_capturing():
-                raise           # a CUDA graph capture failed: moe_colab.engine.graphs falls back, not us
-            _fallback_reason = f"{type(e).__name__}: {str(e).strip()[:500]}"
-            warnings.warn(f"moe_colab: the Triton kernel failed on {torch.cuda.get_device_name(x.device)} "
-                          f"({_fallback_reason}); using the torch dequantize path from now on", stacklevel=2)
-    return _torch_path(x, mat, bits, group_size, scale_group, shape)
+    return quant_linear_triton(x, mat, bits, group_size, scale_group, shape)
