@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .checkpoint import builtin_model_path, iter_tensors, read_config_dict, resolve, shard_map
 from .config import OffloadOptions
-from .engine.build import build_engine, new_store
+from .engine.build import Strategies, build_engine, new_store
 
 
 def model_path(name: str = "tiny") -> Path:
@@ -46,7 +46,7 @@ def _check_device(device) -> torch.device:
 def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, prefetch=2,
                quant=None, dtype=torch.float16, guess_from: str = "auto", swap: bool | None = None,
                max_context: int = 4096, progress: bool = True, cuda_graphs: bool | None = None,
-               options: OffloadOptions | None = None):
+               options: OffloadOptions | None = None, events=None):
     """Load a Mixtral-architecture checkpoint with its experts offloaded.
 
     path: a local directory (HF layout), a built-in name ("tiny") or a Hub id.
@@ -65,6 +65,7 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     cuda_graphs: replay one-token calls as CUDA graphs (None: OffloadOptions' default).
     options: an OffloadOptions holding every engine setting (host_sync, reuse, kernels, ...);
         the arguments above, where given, replace its fields. Kept as ``model.offload_options``.
+    events: a moe_colab.engine.events.EventLog to record what the cache does (timelines).
     """
     directory = resolve(path)
     device = _check_device(device)
@@ -78,13 +79,12 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     options = base.replace(**{k: v for k, v in dict(
         experts_on_device=experts_on_device, prefetch=prefetch, guess_from=guess_from,
         swap=None if swap is None else bool(swap), cuda_graphs=cuda_graphs).items() if v is not None})
-    if _is_quantized_dir(directory):
-        return _load_quantized_dir(directory, options, device=device, quant=quant, dtype=dtype,
-                                   progress=progress)
-    return _load_checkpoint(directory, options, device=device, quant=quant, dtype=dtype, progress=progress)
+    strategies = Strategies(events=events)
+    load = _load_quantized_dir if _is_quantized_dir(directory) else _load_checkpoint
+    return load(directory, options, strategies, device=device, quant=quant, dtype=dtype, progress=progress)
 
 
-def _load_checkpoint(directory: Path, options: OffloadOptions, *, device, quant, dtype, progress):
+def _load_checkpoint(directory: Path, options: OffloadOptions, strategies, *, device, quant, dtype, progress):
     """An original checkpoint (per-expert w1/w2/w3), quantized while it loads if ``quant`` asks."""
     cfg_dict = read_config_dict(directory)
     adapter = adapter_for(cfg_dict.get("model_type"))
@@ -125,10 +125,11 @@ def _load_checkpoint(directory: Path, options: OffloadOptions, *, device, quant,
         return trunk
 
     return build_engine(adapter, config, store, options, device=device, dtype=dtype, fill=fill, qcfg=qcfg,
-                        directory=directory)
+                        strategies=strategies, directory=directory)
 
 
-def _load_quantized_dir(directory: Path, options: OffloadOptions, *, device, quant, dtype, progress):
+def _load_quantized_dir(directory: Path, options: OffloadOptions, strategies, *, device, quant, dtype,
+                        progress):
     """A directory written by moe_colab.quantize: packed expert buffers go straight to storage."""
     from .convert import manifest as qm
 
@@ -148,7 +149,7 @@ def _load_quantized_dir(directory: Path, options: OffloadOptions, *, device, qua
         return qm.load_trunk_state_dict(directory, manifest)
 
     return build_engine(adapter, config, store, options, device=device, dtype=dtype, fill=fill, qcfg=qcfg,
-                        directory=directory)
+                        strategies=strategies, directory=directory)
 
 
 def _is_quantized_dir(directory: Path) -> bool:

@@ -34,9 +34,11 @@ from .storage import ExpertStore
 
 @dataclass(frozen=True)
 class Strategies:
-    """Who routes and who guesses; the defaults are the model's own router and next router."""
+    """Who routes, who guesses and who watches; the defaults are the model's own router, the
+    next layer's router, and no event log (engine/events.py)."""
     route: RouteFn = route_with_router
     guess: GuessFn | None = None
+    events: object = None
 
 
 class OffloadedModelMixin:
@@ -101,7 +103,7 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
     compute = ModelCompute(options.kernels, options.cuda_graphs)
     store.format.compute = compute
     cache = ExpertCache(store, options.experts_on_device, device, reuse=options.reuse,
-                        host_sync=options.host_sync)
+                        host_sync=options.host_sync, events=strategies.events)
     model = build_trunk(adapter, config, dtype)
     with torch.device("meta"):
         attach_quant_linears_(model, qcfg)

@@ -34,6 +34,7 @@ from typing import Iterator
 
 import torch
 
+from .events import NoEvents
 from .hostsync import HostSync
 from .storage import ExpertStore
 
@@ -106,8 +107,9 @@ class ExpertCache:
     """``experts_on_device`` slots per layer in front of an ExpertStore in host memory."""
 
     def __init__(self, store: ExpertStore, experts_on_device: int, device: torch.device, *,
-                 reuse: bool = True, host_sync: str = "mapped"):
+                 reuse: bool = True, host_sync: str = "mapped", events=None):
         self.store, self.device = store, torch.device(device)
+        self.events = events if events is not None else NoEvents()     # engine/events.py
         self.experts_on_device = experts_on_device
         if not reuse and store.swap:
             raise ValueError("reuse=False (no cache) needs copy mode: in swap mode a slot holds the only "
@@ -147,9 +149,13 @@ class ExpertCache:
         (lc.lru[expert].buffer if on_device else self.store.buffer(layer, expert)).copy_(buffer)
         self.store.written[layer][expert].update(("w1", "w2", "w3"))
 
-    def sync(self, *tensors: torch.Tensor) -> list[int]:
+    def sync(self, *tensors: torch.Tensor, layer: int = -1) -> list[int]:
         """The layer's one host synchronisation: small integer tensors as one list (hostsync.py)."""
-        return self.host_sync.read(*tensors)
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        ev = self.events.begin("sync", layer, stream=stream)
+        values = self.host_sync.read(*tensors)
+        self.events.finish(ev, stream)
+        return values
 
     # -- the two entry points used by the MoE block ----------------------------------------
     def experts(self, layer: int, needed: list[int], prefetch: list[int] | None = None
@@ -183,9 +189,11 @@ class ExpertCache:
             stream = torch.cuda.current_stream(self.device) if self.cuda else None
             if self.cuda:
                 stream.wait_event(slot.ready)
+            ev = self.events.begin("compute", layer, expert, stream=stream)
             try:
                 yield expert, slot.views
             finally:            # also when the caller stops early: its kernels may read the slot
+                self.events.finish(ev, stream)
                 if self.cuda:
                     slot.released.record(stream)
             remaining.discard(expert)
@@ -234,14 +242,14 @@ class ExpertCache:
                 # Swap mode: the slot holds the only copy; put it back in the spare host row
                 # first (same stream, so the copy in below waits for it).
                 row = store.free_row(layer)
-                self._copy(store.buffers[layer][row], slot.buffer)
+                self._copy(store.buffers[layer][row], slot.buffer, "writeback", layer, old)
                 store.home[layer][old] = row
                 lc.stats.bytes_to_host += store.nbytes
             del lc.lru[old]
             # Forget the old expert before the copy starts: an interrupt from here on leaves an
             # empty slot, never a slot that claims an expert it does not hold.
             slot.expert = None
-        self._copy(slot.buffer, store.buffer(layer, expert))
+        self._copy(slot.buffer, store.buffer(layer, expert), "prefetch" if prefetched else "load", layer, expert)
         if self.cuda:
             slot.ready.record(self.copy_stream)
         slot.expert, slot.prefetched = expert, prefetched
@@ -250,12 +258,14 @@ class ExpertCache:
             store.home[layer][expert] = None     # its host row is the spare now
         lc.stats.bytes_to_device += store.nbytes
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, kind: str, layer: int, expert: int) -> None:
+        ev = self.events.begin(kind, layer, expert, dst.numel(), stream=self.copy_stream)
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 dst.copy_(src, non_blocking=True)
         else:
             dst.copy_(src)
+        self.events.finish(ev, self.copy_stream)
 
     # -- statistics -----------------------------------------------------------------------
     def stats(self, per_layer: bool = False) -> dict:

@@ -36,6 +36,10 @@ def route_with_router(layer: int, router: nn.Module, x: torch.Tensor):
     return weights, experts
 
 
+def _maybe(t: torch.Tensor | None) -> tuple:
+    return () if t is None else (t,)
+
+
 class OffloadedMoE(nn.Module):
     def __init__(self, layer_idx: int, router: nn.Module, cache: ExpertCache, fmt, top_k: int,
                  num_experts: int, speculator: Speculator | None = None, route: RouteFn = route_with_router):
@@ -63,13 +67,13 @@ class OffloadedMoE(nn.Module):
         else:
             out = self._tokens(x, top_w, top_i, early)
         if spec is not None and not spec.early:
-            self.cache.prefetch(self.layer_idx + 1, self.cache.sync(spec.guess_after(out)))
+            self.cache.prefetch(self.layer_idx + 1, self.cache.sync(spec.guess_after(out), layer=self.layer_idx))
         return out.reshape(shape)
 
     def _one_token(self, x, top_w, top_i, early) -> torch.Tensor:
         """Decoding one sequence: every chosen expert reads all of x [1, H], so no sort and no
         gather, and the host learns the k experts themselves (and the guess) in one sync."""
-        host = self.cache.sync(top_i) if early is None else self.cache.sync(top_i, early)
+        host = self.cache.sync(top_i, *_maybe(early), layer=self.layer_idx)
         chosen, guess = host[:self.top_k], host[self.top_k:]          # router order; guess [p]
         partial: dict[int, torch.Tensor] = {}
         with closing(self.cache.experts(self.layer_idx, sorted(set(chosen)), prefetch=guess)) as ready:
@@ -87,7 +91,7 @@ class OffloadedMoE(nn.Module):
         # scatter_add, not bincount: bincount on CUDA syncs to size its output.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))                             # [E]
-        host = self.cache.sync(counts) if early is None else self.cache.sync(counts, early)
+        host = self.cache.sync(counts, *_maybe(early), layer=self.layer_idx)
         counts_host, guess = host[:self.num_experts], host[self.num_experts:]
         needed = [e for e, c in enumerate(counts_host) if c]
         order = torch.argsort(flat, stable=True)                        # [T*k] grouped by expert
