@@ -4,7 +4,9 @@ Clean: no outputs, no execution counts, no widget state (a notebook saved from a
 carries all three, and they make diffs unreadable and leak state). Skeleton: the Colab badge of
 the notebook itself, a title, objectives, what you need, the USE_REAL_MIXTRAL flag, the
 Colab-only install cell that never installs torch, the runtime check, summary, exercises and
-what's next; Colab metadata asking for a T4. Executing them is nbval's job (`make test`).
+what's next, a relative link beside every badge of another notebook (JupyterLab and Binder readers
+stay where they are), a figure per idea, a hint and a solution per exercise; Colab metadata asking
+for a T4 only where the notebook needs one. Executing them is nbval's job (`make test`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ from moe_colab.notebook.runtime import COLAB_GPU_MENU, Runtime, describe
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = ["00_index", "01_router_analysis", "02_expert_locality", "03_lru_cache", "04_speculative_loading",
-            "05_mixed_quantization", "06_mixtral_on_a_t4"]
+            "05_mixed_quantization", "06_mixtral_on_a_t4", "07_inside_the_engine"]
+# Notebooks that need a GPU for their point (Colab opens them on a T4); the others open on a CPU
+# runtime and say how to switch when USE_REAL_MIXTRAL is set.
+GPU_NOTEBOOKS = {"06_mixtral_on_a_t4"}
 HEADINGS = [r"^# \S", r"^## Objectives", r"^## What you need", r"^## 0\. Setup", r"^## Summary",
             r"^## Exercises", r"^## What's next"]
 
@@ -32,7 +37,7 @@ def load(path: Path) -> nbformat.NotebookNode:
 
 def test_expected_notebooks_exist():
     names = [p.stem for p in PATHS]
-    assert names == EXPECTED, f"notebooks/ holds {names}"
+    assert set(EXPECTED) <= set(names), f"notebooks/ holds {names}"
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
@@ -50,8 +55,12 @@ def test_notebook_is_clean(path):
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_skeleton(path):
     nb = load(path)
-    assert nb.metadata.get("colab", {}).get("gpuType") == "T4", f"{path.name}: colab.gpuType is not T4"
-    assert nb.metadata.get("accelerator") == "GPU", f"{path.name}: accelerator is not GPU"
+    if path.stem in GPU_NOTEBOOKS:
+        assert nb.metadata.get("colab", {}).get("gpuType") == "T4", f"{path.name}: colab.gpuType is not T4"
+        assert nb.metadata.get("accelerator") == "GPU", f"{path.name}: accelerator is not GPU"
+    elif path.stem in EXPECTED:
+        assert "accelerator" not in nb.metadata and "gpuType" not in nb.metadata.get("colab", {}), \
+            f"{path.name}: asks Colab for a GPU although it runs on a CPU"
     first = nb.cells[0]
     assert first.cell_type == "markdown" and _nbtools.colab_url(path.stem) in first.source, \
         f"{path.name}: the first cell lacks this notebook's own Colab badge"
@@ -79,6 +88,27 @@ def test_notebook_skeleton(path):
     assert "enable_custom_widget_manager()" in guarded.group(1), f"{path.name}: Colab widgets not enabled"
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p.stem in EXPECTED], ids=lambda p: p.stem)
+def test_links_figures_and_solutions(path):
+    """Every badge of another notebook has a relative link beside it; every notebook shows a
+    committed diagram; every exercise has a hint and a solution."""
+    nb = load(path)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for m in re.finditer(r"\(https://colab\.research\.google\.com/github/[^)]*/notebooks/(\w+)\.ipynb\)", markdown):
+        if m.group(1) != path.stem:
+            assert f"]({m.group(1)}.ipynb)" in markdown, f"{path.name}: no relative link beside the badge of {m.group(1)}"
+    figures = re.findall(r"\]\((figures/[\w.-]+\.svg)\)", markdown)
+    assert figures, f"{path.name}: no diagram from notebooks/figures"
+    for f in figures:
+        assert (NOTEBOOKS / f).is_file(), f"{path.name}: {f} does not exist"
+    exercises = markdown.split("## Exercises", 1)[1].split("## What's next", 1)[0]
+    numbered = re.findall(r"^(\d+)\. ", exercises, flags=re.M)
+    assert numbered, f"{path.name}: no numbered exercise"
+    for n in numbered:
+        assert re.search(rf"<summary>Hint {n}</summary>", exercises), f"{path.name}: exercise {n} has no hint"
+        assert re.search(rf"<summary>Solution {n}</summary>", exercises), f"{path.name}: exercise {n} has no solution"
+
+
 def test_notebooks_match_their_sources():
     assert _nbtools.main(["--check", "--dir", str(NOTEBOOKS)]) == 0, "run: python -m tools.nbbuild"
     assert sorted(p.stem for p in _nbtools.sources(NOTEBOOKS)) == [p.stem for p in PATHS]
@@ -88,9 +118,12 @@ def test_notebooks_match_their_sources():
 SOURCE = '''# %% [markdown]
 # {{badge}}
 # # Title
+
 # %%
 x = 1
-# %% [setup]
+
+# %% tags=["setup"]
+
 # %% [markdown]
 # see {{badge 01_other}}
 '''
@@ -105,17 +138,22 @@ def test_builder_expands_and_is_deterministic(tmp_path):
     kinds = [c.cell_type for c in nb.cells]
     assert kinds == ["markdown", "code", "markdown", "code", "code", "markdown"]
     assert _nbtools.colab_url("07_demo") in nb.cells[0].source
-    assert _nbtools.colab_url("01_other") in nb.cells[-1].source
+    assert _nbtools.colab_url("01_other") in nb.cells[-1].source and "](01_other.ipynb)" in nb.cells[-1].source
     assert nb.cells[1].source == "x = 1" and nb.cells[0].source.endswith("# Title")
+    assert "accelerator" not in nb.metadata and "jupytext" not in nb.metadata
+    src.write_text(SOURCE.replace('tags=["setup"]', 'tags=["setup", "gpu"]'))
+    assert _nbtools.build(src).metadata["colab"]["gpuType"] == "T4"
 
 
-def test_builder_rejects_bad_sources(tmp_path):
+def test_builder_uses_jupytext_and_rejects_stray_text(tmp_path):
+    import jupytext
+    src = tmp_path / "07_demo.py"
+    src.write_text(SOURCE)
+    cells = jupytext.read(src, fmt="py:percent").cells
+    assert [c.source for c in _nbtools.read(src).cells] == [c.source for c in cells]
+    src.write_text("x = 1\n# %%\ny = 2\n")
     with pytest.raises(ValueError, match="before the first"):
-        _nbtools.parse("x = 1\n# %%\ny = 2\n")
-    with pytest.raises(ValueError, match="not written as a comment"):
-        _nbtools.parse("# %% [markdown]\nplain text\n")
-    with pytest.raises(ValueError, match="unknown cell kind"):
-        _nbtools.parse("# %% [raw]\n# x\n")
+        _nbtools.read(src)
 
 
 def test_clean_strips_a_saved_session(tmp_path):

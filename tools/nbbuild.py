@@ -2,18 +2,22 @@
 
     notebooks/src/01_router_analysis.py  --python -m tools.nbbuild-->  notebooks/01_router_analysis.ipynb
 
-A source is in "percent" format: ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown
-cell whose lines are written as ``# text``. Three expansions keep every notebook's skeleton the
-same:
+The sources are jupytext's "percent" format (``# %%`` starts a code cell, ``# %% [markdown]`` a
+markdown cell written as ``# text`` lines, ``# %% tags=["..."]`` adds cell tags); jupytext does
+the conversion. This file only adds what jupytext cannot know:
 
-    {{badge}}            the "Open in Colab" badge of this notebook
-    {{badge NAME}}       the badge of notebook NAME (for the index)
-    # %% [setup]         the standard setup: a "## 0. Setup" heading, the Colab-only install cell
-                         (never touches Colab's torch; enables Colab's widget manager) and the
-                         runtime check cell (moe_colab.notebook.runtime.check_runtime)
+    {{badge}}                the "Open in Colab" badge of this notebook
+    {{badge NAME}}           the badge of notebook NAME, with a relative link beside it, so a
+                             reader in JupyterLab, Binder or the book stays where they are
+    # %% tags=["setup"]      the standard setup: a "## 0. Setup" heading, the Colab-only install
+                             cell (never touches Colab's torch; enables Colab's widget manager) and
+                             the runtime check cell (moe_colab.notebook.runtime.check_runtime)
+    # %% tags=["setup", "gpu"]   the same, and Colab opens the notebook on a T4 runtime; without
+                             "gpu" it opens on a CPU runtime (the real-model flag then says how to
+                             switch)
 
-Built notebooks have no outputs, no execution counts and no widget state, carry Colab's
-``gpuType: T4`` metadata and deterministic cell ids, so building twice gives the same bytes.
+Built notebooks have no outputs, no execution counts and no widget state, and deterministic cell
+ids, so building twice gives the same bytes.
 
     python -m tools.nbbuild            rebuild notebooks/*.ipynb from notebooks/src/*.py
     python -m tools.nbbuild --check    exit 1 if a committed notebook differs from its source
@@ -22,11 +26,13 @@ Built notebooks have no outputs, no execution counts and no widget state, carry 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 
 # The GitHub repository the badges and the Colab install cell point at. "OWNER" is a
@@ -36,16 +42,16 @@ BRANCH = "main"
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 BADGE_IMG = "https://colab.research.google.com/assets/colab-badge.svg"
 
-NOTEBOOK_METADATA = {
-    "accelerator": "GPU",
-    "colab": {"gpuType": "T4", "provenance": [], "toc_visible": True},
+BASE_METADATA = {
+    "colab": {"provenance": [], "toc_visible": True},
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
 }
+GPU_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4"}}
 
 INSTALL_CELL = f'''\
 # Colab only: install moe_colab (Colab's preinstalled torch is kept, never reinstalled) and let
-# third-party widgets (plotly's FigureWidget) render. Elsewhere this cell does nothing.
+# third-party widgets render. Elsewhere this cell does nothing.
 import sys
 if "google.colab" in sys.modules:
     !pip install -q "moe_colab @ git+https://github.com/{REPO}"
@@ -72,47 +78,46 @@ def badge(name: str) -> str:
     return f"[![Open In Colab]({BADGE_IMG})]({colab_url(name)})"
 
 
-def parse(text: str) -> list[tuple[str, str]]:
-    """Percent-format source -> [(kind, source)] with kind in "code", "markdown", "setup"."""
-    cells: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        m = re.match(r"^# %%\s*(\[(\w+)\])?\s*$", line)
-        if m:
-            cells.append((m.group(2) or "code", []))
-        elif not cells:
-            if line.strip():
-                raise ValueError(f"text before the first '# %%' marker: {line!r}")
-        else:
-            cells[-1][1].append(line)
-    out = []
-    for kind, lines in cells:
-        if kind not in ("code", "markdown", "setup"):
-            raise ValueError(f"unknown cell kind [{kind}] (use code, markdown or setup)")
-        if kind == "markdown":
-            bad = [l for l in lines if l and not l.startswith("#")]
-            if bad:
-                raise ValueError(f"markdown line not written as a comment: {bad[0]!r}")
-            lines = [l[2:] if l.startswith("# ") else l[1:] for l in lines]
-        out.append((kind, "\n".join(lines).strip("\n")))
-    return out
+def badge_with_link(name: str) -> str:
+    """The Colab badge and, beside it, a relative link that works in JupyterLab, Binder and the book."""
+    return f"{badge(name)} or [{name}.ipynb]({name}.ipynb) here"
+
+
+def read(source: Path) -> nbformat.NotebookNode:
+    """The source as jupytext reads it (one cell per ``# %%`` marker)."""
+    text = source.read_text()
+    if text.strip() and not text.lstrip().startswith("# %%"):
+        raise ValueError(f"{source.name}: text before the first '# %%' marker")
+    return jupytext.reads(text, fmt="py:percent")
 
 
 def build(source: Path) -> nbformat.NotebookNode:
     name = source.stem
-    cells = []
-    for kind, text in parse(source.read_text()):
-        text = re.sub(r"\{\{badge (\w+)\}\}", lambda m: badge(m.group(1)), text)
-        text = text.replace("{{badge}}", badge(name))
-        if kind == "setup":
+    cells, gpu = [], False
+    for cell in read(source).cells:
+        tags = cell.metadata.get("tags", [])
+        if "setup" in tags:
+            gpu = gpu or "gpu" in tags
             cells += [nbformat.v4.new_markdown_cell(SETUP_MARKDOWN),
                       nbformat.v4.new_code_cell(INSTALL_CELL), nbformat.v4.new_code_cell(RUNTIME_CELL)]
-        elif kind == "markdown":
-            cells.append(nbformat.v4.new_markdown_cell(text))
+            continue
+        text = cell.source
+        if cell.cell_type == "markdown":
+            text = re.sub(r"\{\{badge (\w+)\}\}", lambda m: badge_with_link(m.group(1)), text)
+            text = text.replace("{{badge}}", badge(name))
+            new = nbformat.v4.new_markdown_cell(text)
         else:
-            cells.append(nbformat.v4.new_code_cell(text))
+            new = nbformat.v4.new_code_cell(text)
+        keep = {k: v for k, v in cell.metadata.items() if k in ("tags", "jupyter")}
+        new.metadata.update(keep)
+        cells.append(new)
     for i, cell in enumerate(cells):
         cell["id"] = f"{name[:40]}-{i:03d}"   # deterministic: rebuilding changes nothing
-    nb = nbformat.v4.new_notebook(cells=cells, metadata=json.loads(json.dumps(NOTEBOOK_METADATA)))
+    metadata = copy.deepcopy(BASE_METADATA)
+    if gpu:
+        metadata["accelerator"] = GPU_METADATA["accelerator"]
+        metadata["colab"].update(GPU_METADATA["colab"])
+    nb = nbformat.v4.new_notebook(cells=cells, metadata=metadata)
     nb.nbformat, nb.nbformat_minor = 4, 5
     nbformat.validate(nb)
     return nb

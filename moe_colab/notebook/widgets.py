@@ -1,21 +1,30 @@
-"""Interactive views of expert routing and of the expert cache (ipywidgets + plotly).
+"""Views of expert routing and of the expert cache: plotly figures, each with a static picture.
 
-    routing_heatmap(trace, tokens)       tokens x layers; colour = the top-1 expert of each cell,
-                                         hover = the token text, all top-k experts, router weights
+    routing_heatmap(trace, tokens)       tokens x layers, one thin row per rank (top-1, top-2, ...)
+                                         so every chosen expert shows; hover: token text, experts,
+                                         router weights
     expert_load_figure(trace)            layers x experts: share of tokens routed to each expert
     category_figure(counts, names)       token kinds x experts, one layer at a time
     cache_timeline(trace, k, policy)     hit or miss of every expert use, per layer per token
     cache_explorer(trace, tokens)        sliders for cache size and prefetch count, policy menu,
                                          a live "hit ratio: 0.53" readout and the timeline
+    show(fig)                            any plotly figure of Scatter or Bar traces, the same way
 
 A trace is a ``moe_colab.RoutingTrace`` (``experts`` and ``weights``: [layers, tokens, top_k]).
 Hit/miss events come from ``moe_colab.analysis.simulate.hit_mask`` (the one cache simulator); this file
 only draws.
 
-Inside a Jupyter or Colab kernel these return live widgets (plotly FigureWidget needs anywidget;
-Colab also needs ``moe_colab.notebook.runtime.enable_colab_widgets()`` once). In plain Python, or with
-``MOE_COLAB_STATIC=1``, they return static plotly Figures instead, and ``text_table`` gives a
-plain-text view; nothing here ever waits for a frontend.
+How a figure reaches the page. ``Shown`` is what a cell displays: its output holds the figure as
+plotly JSON (``application/vnd.plotly.v1+json``: JupyterLab's plotly extension draws it with the
+plotly.js it loaded once, never 5 MB per figure), a static SVG (``moe_colab.notebook.svg``: what
+GitHub, nbviewer, the book and a notebook reopened without a kernel show) and a line of text. On
+Colab it adds plotly's HTML, which loads plotly.js once per page from plotly's CDN. The live
+widgets (in a kernel) are ipywidgets controls above an ``Output`` that shows a ``Shown``; their own
+output carries the static SVG too. Nothing here ever waits for a frontend.
+
+Figures fit the page width (no fixed pixel widths: nothing is clipped in JupyterLab's default
+layout); long traces fit by narrowing the cells, and plotly's zoom keeps the layer labels on the
+axis. Colours come from the Okabe-Ito palette (safe for colour-blind readers).
 
 Every control carries a stable CSS class (``moe-cache-size``, ``moe-prefetch``, ``moe-policy``,
 ``moe-hit-ratio``, ``moe-routing-heatmap``, ``moe-cache-timeline``) so a browser test can find it.
@@ -25,6 +34,7 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, Figure 1 (routing) and Figure 2 (c
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
 
 import ipywidgets as widgets
@@ -32,13 +42,75 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from .runtime import widgets_available
+from . import svg as S
+from .runtime import in_colab, in_kernel, widgets_available
 
 POLICIES = ("lru", "lfu", "fifo", "belady")
-PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2",
-           "#FF9DA6", "#9D755D", "#BAB0AC", "#1B9E77", "#7570B3", "#E7298A", "#66A61E",
-           "#D95F02", "#A6761D")
-HIT_MISS_COLOURS = ("#54A24B", "#F2B447", "#E45756")   # all hits, some misses, all misses
+PALETTE = S.PALETTE
+# all hits, some misses, all misses: blue, yellow, vermillion (Okabe-Ito; distinct in every
+# common colour vision deficiency, and ordered light-dark-dark so greyscale still separates hits)
+HIT_MISS_COLOURS = ("#0072B2", "#F0E442", "#D55E00")
+ORDINAL = ("1st", "2nd", "3rd") + tuple(f"{i}th" for i in range(4, 65))
+
+
+# -- what a cell displays ---------------------------------------------------------------------
+class Shown:
+    """A plotly figure with its static picture. Displaying it writes plotly JSON (drawn by
+    JupyterLab's plotly extension), ``image/svg+xml`` (everywhere else) and text."""
+
+    def __init__(self, figure: go.Figure, svg: str | None = None, text: str | None = None):
+        if not figure.layout.colorway:
+            figure.update_layout(colorway=list(S.LINES))      # the colours of the static picture
+        self.figure = figure
+        self.svg = svg if svg is not None else S.figure_svg(figure)
+        self.text = text or (figure.layout.title.text or "figure")
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        fig = json.loads(self.figure.to_json())
+        bundle = {"application/vnd.plotly.v1+json": {**fig, "config": {"responsive": True}},
+                  "text/plain": f"<{self.text}>"}
+        if self.svg:
+            bundle["image/svg+xml"] = self.svg
+        if in_colab():                      # Colab has no plotly mimetype renderer
+            bundle["text/html"] = self.figure.to_html(include_plotlyjs="cdn", full_html=False)
+        return bundle
+
+    def __repr__(self) -> str:
+        return f"<{self.text}>"
+
+
+def show(fig: go.Figure, svg: str | None = None) -> Shown:
+    """Display a plotly figure with a static picture (made from the figure when not given)."""
+    return Shown(fig, svg)
+
+
+class FigureBox(widgets.VBox):
+    """A live view: ``children`` (controls) above an Output showing the current ``Shown``. Its own
+    output also carries the current static picture, for a notebook saved with its outputs."""
+
+    def __init__(self, children=(), shown: Shown | None = None, css: str | None = None):
+        self.output = widgets.Output()
+        self.shown = None
+        super().__init__(list(children) + [self.output])
+        if css:
+            self.add_class(css)
+        if shown is not None:
+            self.show(shown)
+
+    def show(self, shown: Shown) -> None:
+        from IPython.display import display
+        self.shown = shown
+        if not in_kernel():              # plain Python (tests): nothing to draw into
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(shown)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if self.shown is not None and self.shown.svg:
+            bundle["image/svg+xml"] = self.shown.svg
+        return bundle
 
 
 # -- reading a trace -------------------------------------------------------------------------
@@ -73,9 +145,12 @@ def token_labels(trace, tokens=None) -> list[str]:
     return ["".join(marks.get(c, c) for c in t) or "∅" for t in tokens]
 
 
-def _width(tokens: int) -> int | None:
-    """Wide enough for every token label (the page scrolls sideways); None: fit the page."""
-    return min(14 * tokens + 260, 6000) if tokens > 50 else None
+def _token_axis(labels: list[str]) -> dict:
+    """x axis of a tokens figure: every label while they fit (<= 60 tokens), else positions."""
+    T = len(labels)
+    if T <= 60:
+        return dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60)
+    return dict(title="token (hover for its text; drag to zoom)")
 
 
 def _discrete_colorscale(n: int) -> list:
@@ -87,8 +162,17 @@ def _discrete_colorscale(n: int) -> list:
     return scale
 
 
+def _layer_rows(L: int, K: int) -> tuple[list[int], list[str], list[str]]:
+    """Row layout of a [layers x top_k] heatmap: tick positions and labels (one per layer, at
+    its first row), and the per-row labels of the static picture."""
+    ticks = [l * K for l in range(L)]
+    return ticks, [f"layer {l}" for l in range(L)], [f"L{l}" if r == 0 else "" for l in range(L) for r in range(K)]
+
+
 # -- figures (static; the widgets wrap them) ---------------------------------------------------
 def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
+    """Tokens x layers; each layer has one thin row per rank (its top-1 expert, then top-2, ...),
+    coloured by expert id: every chosen expert is visible."""
     experts, weights = _arrays(trace)                       # [L, T, K]
     L, T, K = experts.shape
     E = trace.num_experts
@@ -98,35 +182,69 @@ def routing_figure(trace, tokens=None, title: str | None = None) -> go.Figure:
         for t in range(T):
             choice[l, t] = ", ".join(f"e{e} {w:.2f}" for e, w in zip(experts[l, t], weights[l, t]))
     text = np.array([html.escape(s, quote=False) for s in labels], dtype=object)
-    custom = np.stack([np.broadcast_to(text, (L, T)), choice], axis=-1)   # [L, T, 2]
+    z = experts.transpose(0, 2, 1).reshape(L * K, T)         # row l*K + r: rank r of layer l
+    rank = np.array([ORDINAL[r] for l in range(L) for r in range(K)], dtype=object)
+    custom = np.stack([np.broadcast_to(text, (L * K, T)), np.repeat(choice, K, axis=0),
+                       np.broadcast_to(rank[:, None], (L * K, T))], axis=-1)
+    ticks, tick_text, _ = _layer_rows(L, K)
     fig = go.Figure(go.Heatmap(
-        z=experts[:, :, 0], x=list(range(T)), y=list(range(L)), customdata=custom,
-        zmin=-0.5, zmax=E - 0.5, colorscale=_discrete_colorscale(E), xgap=1, ygap=1,
-        colorbar=dict(title="top-1 expert", tickvals=list(range(E))),
-        hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>experts (weight): "
+        z=z, x=list(range(T)), y=list(range(L * K)), customdata=custom,
+        zmin=-0.5, zmax=E - 0.5, colorscale=_discrete_colorscale(E), xgap=1 if T <= 120 else 0, ygap=0,
+        colorbar=dict(title="expert", tickvals=list(range(E)) if E <= 16 else None, thickness=14, len=1.0),
+        hovertemplate="token %{x}: '%{customdata[0]}'<br>%{customdata[2]} choice<br>experts (weight): "
                       "%{customdata[1]}<extra></extra>"))
+    for l in range(1, L):                                   # a white line between layers
+        fig.add_hline(y=l * K - 0.5, line=dict(color="white", width=2))
     fig.update_layout(
-        title=title or f"Top-1 expert of each token at each layer ({L} layers, {E} experts, top-{K})",
-        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=list(text), tickangle=-60),
-        yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
-        width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
+        title=title or f"Experts chosen by each token at each layer ({L} layers x top-{K} rows, {E} experts)",
+        xaxis=_token_axis(list(text)),
+        yaxis=dict(title="layer", autorange="reversed", tickmode="array", tickvals=[t + (K - 1) / 2 for t in ticks],
+                   ticktext=tick_text), height=max(260, 9 * L * K + 170),
+        margin=dict(l=70, r=10, t=50, b=90))
     return fig
+
+
+def routing_svg(trace, tokens=None) -> str:
+    experts, _ = _arrays(trace)
+    L, T, K = experts.shape
+    E = trace.num_experts
+    rows = [[PALETTE[e % len(PALETTE)] for e in experts[l, :, r]] for l in range(L) for r in range(K)]
+    _, _, row_labels = _layer_rows(L, K)
+    return S.grid_svg(rows, row_labels, title=f"Experts chosen per token and layer (one row per rank, top-{K})",
+                      col_labels=token_labels(trace, tokens), row_gap_every=K, xlabel="token",
+                      legend=[(PALETTE[e % len(PALETTE)], f"expert {e}") for e in range(min(E, 24))])
 
 
 def expert_load_figure(trace, title: str | None = None) -> go.Figure:
     """Share of each layer's token-expert assignments that went to each expert (uniform = 1/E)."""
+    load = _load(trace)
+    L, E = load.shape
+    fig = go.Figure(go.Heatmap(
+        z=load, x=list(range(E)), y=list(range(L)), colorscale="Blues", zmin=0,
+        colorbar=dict(title="share", thickness=14), texttemplate="%{z:.2f}" if E <= 16 else None,
+        hovertemplate="layer %{y}, expert %{x}: %{z:.1%} of assignments<extra></extra>"))
+    fig.update_layout(title=title or f"Expert load per layer (uniform would be {1 / E:.2f})",
+                      xaxis=dict(title="expert", dtick=1 if E <= 16 else None),
+                      yaxis=dict(title="layer", autorange="reversed"),
+                      height=max(240, 22 * L + 140), margin=dict(l=60, r=10, t=50, b=50))
+    return fig
+
+
+def _load(trace) -> np.ndarray:
     experts, _ = _arrays(trace)
     L, T, K = experts.shape
     E = trace.num_experts
-    load = np.stack([np.bincount(experts[l].ravel(), minlength=E) for l in range(L)]) / (T * K)   # [L, E]
-    fig = go.Figure(go.Heatmap(
-        z=load, x=list(range(E)), y=list(range(L)), colorscale="Blues", zmin=0,
-        colorbar=dict(title="share"), texttemplate="%{z:.2f}",
-        hovertemplate="layer %{y}, expert %{x}: %{z:.1%} of assignments<extra></extra>"))
-    fig.update_layout(title=title or f"Expert load per layer (uniform would be {1 / E:.2f})",
-                      xaxis=dict(title="expert", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
-                      height=max(240, 22 * L + 140), margin=dict(l=60, r=20, t=50, b=50))
-    return fig
+    return np.stack([np.bincount(experts[l].ravel(), minlength=E) for l in range(L)]) / (T * K)   # [L, E]
+
+
+def expert_load_view(trace) -> Shown:
+    load = _load(trace)
+    L, E = load.shape
+    hi = float(load.max())
+    svg = S.grid_svg([[S.ramp(v, 0, hi) for v in row] for row in load], [f"layer {l}" for l in range(L)],
+                     title=f"Expert load per layer (uniform would be {1 / E:.2f}; darker = busier)",
+                     col_labels=[f"e{e}" for e in range(E)], xlabel="expert", width=600)
+    return Shown(expert_load_figure(trace), svg)
 
 
 def category_figure(counts, names, title: str | None = None) -> go.Figure:
@@ -139,20 +257,34 @@ def category_figure(counts, names, title: str | None = None) -> go.Figure:
     rows = counts[:, keep] / counts[:, keep].sum(-1, keepdims=True)    # [L, C', E]
     labels = [f"{names[c]} ({int(counts[0, c].sum() / max(counts[0].sum(), 1) * 100)}%)" for c in keep]
     fig = go.Figure([go.Heatmap(z=rows[l], x=list(range(E)), y=labels, visible=l == L - 1, zmin=0,
-                                colorscale="Blues", texttemplate="%{z:.2f}",
+                                colorscale="Blues", texttemplate="%{z:.2f}" if E <= 16 else None,
+                                colorbar=dict(thickness=14),
                                 hovertemplate="%{y}, expert %{x}: %{z:.1%} of its uses<extra></extra>")
                      for l in range(L)])
     buttons = [dict(label=f"layer {l}", method="update",
                     args=[{"visible": [i == l for i in range(L)]}]) for l in range(L)]
     fig.update_layout(title=title or "Share of each token kind's expert uses (rows sum to 1)",
                       updatemenus=[dict(buttons=buttons, active=L - 1, x=1.0, y=1.15)],
-                      xaxis=dict(title="expert", dtick=1), height=max(280, 30 * len(keep) + 140),
-                      margin=dict(l=140, r=20, t=70, b=50))
+                      xaxis=dict(title="expert", dtick=1 if E <= 16 else None), height=max(280, 30 * len(keep) + 140),
+                      margin=dict(l=140, r=10, t=70, b=50))
     return fig
 
 
+def category_view(counts, names, layer: int | None = None) -> Shown:
+    counts_np = np.asarray(_to_numpy(counts), dtype=float)
+    L, C, E = counts_np.shape
+    layer = L - 1 if layer is None else layer
+    keep = [c for c in range(C) if counts_np[0, c].sum() > 0]
+    rows = counts_np[layer, keep] / np.maximum(counts_np[layer, keep].sum(-1, keepdims=True), 1)
+    svg = S.grid_svg([[S.ramp(v, 0, 1) for v in row] for row in rows], [names[c] for c in keep],
+                     title=f"Layer {layer}: share of each token kind's expert uses (darker = more)",
+                     col_labels=[f"e{e}" for e in range(E)], xlabel="expert", width=600)
+    return Shown(category_figure(counts, names), svg)
+
+
 def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = None) -> go.Figure:
-    """One cell per (layer, token): green = every needed expert was cached, red = none was."""
+    """One cell per (layer, token): blue = every needed expert was cached, yellow = some were,
+    vermillion = none was."""
     experts, _ = _arrays(trace)
     L, T, K = experts.shape
     misses = K - events.hit_counts                           # [L, T] in 0..K
@@ -162,19 +294,34 @@ def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = 
     scale = [[0, HIT_MISS_COLOURS[0]], [0.5, HIT_MISS_COLOURS[1]], [1, HIT_MISS_COLOURS[2]]]
     fig = go.Figure(go.Heatmap(
         z=misses, x=list(range(T)), y=list(range(L)), customdata=custom, zmin=0, zmax=K,
-        colorscale=scale, xgap=1, ygap=1, colorbar=dict(title="misses", tickvals=list(range(K + 1))),
+        colorscale=scale, xgap=1 if T <= 120 else 0, ygap=1,
+        colorbar=dict(title="misses", tickvals=list(range(K + 1)), thickness=14),
         hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>%{customdata[1]}<extra></extra>"))
     fig.update_layout(
-        title=title or events.title(),
-        xaxis=dict(title="token", tickmode="array", tickvals=list(range(T)), ticktext=list(text), tickangle=-60),
-        yaxis=dict(title="layer", autorange="reversed"), height=max(260, 22 * L + 160),
-        width=_width(T), margin=dict(l=60, r=20, t=50, b=90))
+        title=title or events.title(), xaxis=_token_axis(list(text)),
+        yaxis=dict(title="layer", autorange="reversed", dtick=1 if L <= 32 else None),
+        height=max(240, 16 * L + 170), margin=dict(l=60, r=10, t=50, b=90))
     return fig
+
+
+def _miss_colour(misses: int, K: int) -> str:
+    return HIT_MISS_COLOURS[0] if misses == 0 else HIT_MISS_COLOURS[2] if misses == K else HIT_MISS_COLOURS[1]
+
+
+def cache_svg(trace, events: "CacheEvents", tokens=None) -> str:
+    experts, _ = _arrays(trace)
+    L, T, K = experts.shape
+    misses = K - events.hit_counts
+    rows = [[_miss_colour(int(m), K) for m in misses[l]] for l in range(L)]
+    return S.grid_svg(rows, [f"layer {l}" for l in range(L)], title=events.title(),
+                      col_labels=token_labels(trace, tokens), xlabel="token",
+                      legend=[(HIT_MISS_COLOURS[0], "all hits"), (HIT_MISS_COLOURS[1], "some misses"),
+                              (HIT_MISS_COLOURS[2], "all misses")])
 
 
 def hit_ratio_figure(trace, policies=POLICIES, prefetch: int = 0, guesses=None) -> go.Figure:
     """Hit ratio against cache size, one line per policy (plus LRU with prefetch when guesses
-    are given): the static summary of cache_explorer."""
+    are given)."""
     E = trace.num_experts
     sizes = list(range(1, E + 1))
     fig = go.Figure()
@@ -185,21 +332,31 @@ def hit_ratio_figure(trace, policies=POLICIES, prefetch: int = 0, guesses=None) 
         fig.add_trace(go.Scatter(x=sizes, y=[cache_events(trace, k, "lru", prefetch, guesses).hit_ratio
                                              for k in sizes], mode="lines+markers", name=f"lru + prefetch {prefetch}"))
     fig.update_layout(title="Hit ratio vs experts cached per layer", xaxis=dict(title="cache size", dtick=1),
-                      yaxis=dict(title="hit ratio", range=[0, 1.02]), height=360, margin=dict(l=60, r=20, t=50, b=50))
+                      yaxis=dict(title="hit ratio", range=[0, 1.02]), height=380,
+                      colorway=list(S.LINES), margin=dict(l=60, r=10, t=50, b=50))
     return fig
 
 
+def hit_ratio_view(trace, policies=POLICIES, prefetch: int = 0, guesses=None) -> Shown:
+    return Shown(hit_ratio_figure(trace, policies, prefetch, guesses))
+
+
 def text_table(trace, tokens=None, events: "CacheEvents | None" = None, max_tokens: int = 40) -> str:
-    """Plain text: one row per token, one column per layer, the top-1 expert (``*``: a miss)."""
+    """Plain text: one row per token, one column per layer, the top-k experts (``*``: a miss)."""
     experts, _ = _arrays(trace)
     L, T, K = experts.shape
     labels = token_labels(trace, tokens)
     width = max([5] + [len(s) for s in labels[:max_tokens]])
-    rows = [f"{'token':>{width}} | " + " ".join(f"L{l:<3d}" for l in range(L))]
+    cell = 3 * K + 1
+    rows = [f"{'token':>{width}} | " + " ".join(f"{'L' + str(l):<{cell}s}" for l in range(L))]
     for t in range(min(T, max_tokens)):
-        cells = [f"e{experts[l, t, 0]}" + ("*" if events is not None and events.hit_counts[l, t] < K else "")
-                 for l in range(L)]
-        rows.append(f"{labels[t]:>{width}} | " + " ".join(f"{c:<4s}" for c in cells))
+        cells = []
+        for l in range(L):
+            c = "/".join(f"{e}" for e in experts[l, t])
+            if events is not None and events.hit_counts[l, t] < K:
+                c += "*"
+            cells.append(f"{c:<{cell}s}")
+        rows.append(f"{labels[t]:>{width}} | " + " ".join(cells))
     if T > max_tokens:
         rows.append(f"... {T - max_tokens} more tokens")
     return "\n".join(rows)
@@ -254,62 +411,62 @@ def _interactive(interactive: bool | None) -> bool:
 
 
 def routing_heatmap(trace, tokens=None, *, interactive: bool | None = None):
-    """The routing heatmap: a live FigureWidget in a kernel, a static Figure elsewhere."""
-    fig = routing_figure(trace, tokens)
+    """The routing heatmap: in a kernel a box (CSS class ``moe-routing-heatmap``) showing it,
+    elsewhere the ``Shown`` figure itself."""
+    shown = Shown(routing_figure(trace, tokens), routing_svg(trace, tokens))
     if not _interactive(interactive):
-        return fig
-    box = widgets.VBox([go.FigureWidget(fig)])
-    box.add_class("moe-routing-heatmap")
-    return box
+        return shown
+    return FigureBox(shown=shown, css="moe-routing-heatmap")
 
 
 def cache_timeline(trace, cache_size: int = 4, policy: str = "lru", tokens=None, *, prefetch: int = 0,
                    guesses=None, interactive: bool | None = None):
     """Hit or miss per layer per token for one cache configuration."""
-    fig = cache_figure(trace, cache_events(trace, cache_size, policy, prefetch, guesses), tokens)
+    events = cache_events(trace, cache_size, policy, prefetch, guesses)
+    shown = Shown(cache_figure(trace, events, tokens), cache_svg(trace, events, tokens))
     if not _interactive(interactive):
-        return fig
-    box = widgets.VBox([go.FigureWidget(fig)])
-    box.add_class("moe-cache-timeline")
-    return box
+        return shown
+    return FigureBox(shown=shown, css="moe-cache-timeline")
 
 
 def cache_explorer(trace, tokens=None, *, cache_size: int = 4, policy: str = "lru", prefetch: int = 0,
                    guesses=None, policies=POLICIES, interactive: bool | None = None):
     """Sliders for cache size and prefetch count and a policy menu; the "hit ratio" readout and
     the cache timeline follow them. Prefetch needs ``guesses`` (then the policy is LRU, as in the
-    engine). Static mode returns ``hit_ratio_figure`` instead."""
+    engine). Without a kernel: the timeline of the starting settings (what the widget first shows)."""
     if policy not in policies:
         raise ValueError(f"policy {policy!r} is not one of {tuple(policies)}")
     if not _interactive(interactive):
-        return hit_ratio_figure(trace, policies, prefetch, guesses)
+        return cache_timeline(trace, cache_size, policy, tokens, prefetch=prefetch, guesses=guesses, interactive=False)
     return CacheExplorer(trace, tokens, cache_size, policy, prefetch, guesses, policies)
 
 
-class CacheExplorer(widgets.VBox):
+class CacheExplorer(FigureBox):
     """[cache size slider, prefetch slider, policy menu], the hit ratio readout, the timeline.
-    Its parts: ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout``, ``.figure``, ``.events``."""
+    Its parts: ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout``, ``.output``, ``.events``,
+    ``.shown`` (the figure on show: ``.shown.figure``)."""
 
     def __init__(self, trace, tokens, cache_size, policy, prefetch, guesses, policies):
         E = trace.num_experts
         self.trace, self.tokens, self.guesses = trace, tokens, guesses
         max_prefetch = 0 if guesses is None else min(E, torch.as_tensor(guesses).shape[-1])
         style = {"description_width": "80px"}
-        self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E,
+        narrow = widgets.Layout(width="300px")
+        self.cache_size = widgets.IntSlider(value=min(max(cache_size, 1), E), min=1, max=E, layout=narrow,
                                             description="cache size", continuous_update=False, style=style)
         self.prefetch = widgets.IntSlider(value=min(prefetch, max_prefetch), min=0, max=max(max_prefetch, 1),
                                           description="prefetch", continuous_update=False, style=style,
-                                          disabled=max_prefetch == 0)
-        self.policy = widgets.Dropdown(options=list(policies), value=policy, description="policy", style=style)
+                                          disabled=max_prefetch == 0, layout=narrow)
+        self.policy = widgets.Dropdown(options=list(policies), value=policy, description="policy", style=style,
+                                       layout=widgets.Layout(width="200px"))
         self.readout = widgets.HTML()
         for w, cls in ((self.cache_size, "moe-cache-size"), (self.prefetch, "moe-prefetch"),
                        (self.policy, "moe-policy"), (self.readout, "moe-hit-ratio")):
             w.add_class(cls)
-        self.events = self._events()
-        self.figure = go.FigureWidget(cache_figure(trace, self.events, tokens))
-        self._show()
-        super().__init__([widgets.HBox([self.cache_size, self.prefetch, self.policy]), self.readout, self.figure])
-        self.add_class("moe-cache-explorer")
+        controls = widgets.HBox([self.cache_size, self.prefetch, self.policy],
+                                layout=widgets.Layout(flex_flow="row wrap"))
+        super().__init__([controls, self.readout], css="moe-cache-explorer")
+        self._update()
         for w in (self.cache_size, self.prefetch, self.policy):
             w.observe(self._update, names="value")
 
@@ -323,14 +480,8 @@ class CacheExplorer(widgets.VBox):
         policy = "lru" if p else self.policy.value
         return cache_events(self.trace, self.cache_size.value, policy, p, self.guesses)
 
-    def _show(self) -> None:
-        self.readout.value = f"<b>hit ratio: {self.events.hit_ratio:.2f}</b> ({self.events.title()})"
-
     def _update(self, change=None) -> None:
         self.events = self._events()
-        self._show()
-        fig = cache_figure(self.trace, self.events, self.tokens)
-        with self.figure.batch_update():
-            self.figure.data[0].z = fig.data[0].z
-            self.figure.data[0].customdata = fig.data[0].customdata
-            self.figure.layout.title.text = fig.layout.title.text
+        self.readout.value = f"<b>hit ratio: {self.events.hit_ratio:.2f}</b> ({self.events.title()})"
+        self.show(Shown(cache_figure(self.trace, self.events, self.tokens),
+                        cache_svg(self.trace, self.events, self.tokens)))

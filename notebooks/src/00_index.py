@@ -21,7 +21,7 @@
 # %%
 USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct on a GPU (the other notebooks read this flag)
 
-# %% [setup]
+# %% tags=["setup"]
 
 # %% [markdown]
 # ## 1. The notebooks

@@ -23,7 +23,7 @@
 # %%
 USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is present (else `tiny` on CPU)
 
-# %% [setup]
+# %% tags=["setup"]
 
 # %% [markdown]
 # ## 1. A routing trace to replay

@@ -29,7 +29,7 @@
 # %%
 USE_REAL_MIXTRAL = False   # True: also load Mixtral-8x7B-Instruct (section 7), only if a GPU is present
 
-# %% [setup]
+# %% tags=["setup"]
 
 # %% [markdown]
 # ## 1. Why quantize: the sizes of Table 1

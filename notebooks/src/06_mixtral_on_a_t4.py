@@ -30,7 +30,7 @@
 # %%
 USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is present (else `tiny` on CPU)
 
-# %% [setup]
+# %% tags=["setup", "gpu"]
 
 # %% [markdown]
 # ## 1. The plan, before anything is allocated
