@@ -116,7 +116,7 @@ def _linear_shapes(config) -> dict[str, tuple[int, int]]:
 
 
 class AuthorsShards:
-    """The authors' checkpoint as a shard source for moe_colab.convert.hub.quantize_shards: each file
+    """The authors' checkpoint as a shard source for moe_colab.convert.quantize.quantize_shards: each file
     yields the ORIGINAL checkpoint's names with dequantized float32 tensors."""
 
     def __init__(self, fetch, identity: str, delete_after: bool):
@@ -204,7 +204,7 @@ def convert_authors_checkpoint(dst, path_or_id=DEMO_REPO, quant="paper-2bit", *,
                                fetch=None, device=None, dtype=torch.float16, progress=True) -> Path:
     """The authors' checkpoint, dequantized and quantized again into our format in ``dst``
     (resumable, one file at a time); then ``moe_colab.load_model(dst)``."""
-    from .hub import quantize_shards
+    from .quantize import quantize_shards
     source = authors_source(path_or_id, revision=revision, scratch=scratch, fetch=fetch)
     return quantize_shards(source, dst, quant, device=device, dtype=dtype, progress=progress)
 

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from ..adapters.mixtral import MixtralAdapter as A
 from ..checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, _safetensors_header
+from .quantize import quantize_shards
+from .writer import PARTS, STATE  # noqa: F401  (where a shard-by-shard run keeps its progress)
 
-STATE = "moe_colab_hub.json"
-PARTS = "parts"
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json")
 
@@ -128,165 +126,6 @@ def quantize_from_hub(repo_id: str, dst, quant="paper-2bit", *, revision: str | 
     source = HubShards(fetch, identity=f"{repo_id}@{revision or 'main'}")
     return quantize_shards(source, dst, quant, device=device, dtype=dtype, progress=progress,
                            on_shard_done=on_shard_done)
-
-
-# -- the resumable, shard-by-shard writer ------------------------------------------------------
-def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, progress=True,
-                    on_shard_done=None) -> Path:
-    """Write ``source`` (HubShards, or any object with config, identity, shards, fetch, tensors,
-    release, small_files) into a quantized directory, shard by shard."""
-    from tqdm.auto import tqdm
-
-    from ..quant.config import resolve_quant
-    from ..quant.format import expert_format
-    from .manifest import TRUNK_FILE, layer_file
-    from ..quant.matrix import default_device
-    from .quantize import _start_or_resume
-
-    qcfg = resolve_quant(quant)
-    if qcfg is None or qcfg.is_noop:
-        raise ValueError("quant selects no quantization; there is nothing to write")
-    if source.config.get("model_type") != A.model_type:
-        raise CheckpointError(f"{source.identity}: model_type {source.config.get('model_type')!r}; only "
-                              f"'{A.model_type}' checkpoints can be quantized")
-    config = A.config_class().from_dict(source.config)
-    qcfg.validate_for(config)
-    dst, device = Path(dst), torch.device(device or default_device())
-    fmt = expert_format(config, qcfg, dtype)
-    E, L = A.num_experts(config), A.num_layers(config)
-    manifest = _start_or_resume(dst, fresh_manifest(config, qcfg, dtype, fmt, source.identity), True)
-    state = _read_state(dst, source.identity)
-    (dst / PARTS).mkdir(exist_ok=True)
-
-    def needed(shard) -> bool:
-        names = getattr(source, "names", {}).get(shard)
-        if shard in state["done"]:
-            return False
-        if not names:
-            return True
-        layers = {k[0] for k in map(A.parse_expert_key, names) if k is not None}
-        trunk = any(A.parse_expert_key(n) is None for n in names)
-        return (trunk and TRUNK_FILE not in manifest["files"]) or any(
-            layer_file(l) not in manifest["files"] for l in layers)
-
-    for shard in tqdm(source.shards, desc=f"quantize {qcfg.name}", unit="shard", disable=not progress):
-        if not needed(shard):
-            continue
-        path = source.fetch(shard)
-        try:
-            _quantize_shard(source, shard, path, dst, manifest, qcfg, fmt, E, device)
-        finally:
-            source.release(shard, path)
-        state["done"].append(shard)
-        _write_json(dst / STATE, state)
-        if on_shard_done:
-            on_shard_done(shard)
-
-    if TRUNK_FILE not in manifest["files"]:
-        from safetensors.torch import load_file
-
-        from .quantize import _save_unit
-        trunk = {}
-        for part in sorted((dst / PARTS).glob("trunk.*.safetensors")):
-            trunk.update(load_file(str(part)))
-        if trunk:
-            _save_unit(dst, TRUNK_FILE, trunk, manifest)
-    missing = [n for n in [TRUNK_FILE] + [layer_file(l) for l in range(L)] if n not in manifest["files"]]
-    if missing:
-        raise CheckpointError(f"{source.identity} lacks tensors for {missing[:4]} (e.g. some experts of those "
-                              f"layers): every shard was read and these units are still incomplete")
-    from .manifest import write_manifest
-    manifest["complete"] = True
-    write_manifest(dst, manifest)
-    shutil.rmtree(dst / PARTS, ignore_errors=True)
-    for name, path in source.small_files().items():
-        shutil.copyfile(path, dst / name)
-    return dst
-
-
-def fresh_manifest(config, qcfg, dtype, fmt, source: str) -> dict:
-    """The manifest moe_colab.quantize starts from (same fields, so either can resume the other)."""
-    from .manifest import FORMAT, FORMAT_VERSION, dtype_name
-    m = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": A.model_type,
-         "scheme_name": qcfg.name, "scheme": qcfg.to_dict(), "config": config.to_dict(),
-         "source": source, "expert_dtype": dtype_name(dtype), "expert_nbytes": fmt.layout.nbytes,
-         "expert_layout": [[s.name, list(s.shape), dtype_name(s.dtype), s.offset] for s in fmt.layout.specs],
-         "files": {}, "complete": False}
-    return json.loads(json.dumps(m))
-
-
-def _quantize_shard(source, shard, path, dst, manifest, qcfg, fmt, E, device) -> None:
-    """Quantize one shard's tensors; save its trunk part and every layer it touched."""
-    from .manifest import TRUNK_FILE, layer_file
-    from .quantize import _save_unit, quantize_trunk_tensor
-
-    trunk, layers = {}, {}
-    for name, t in source.tensors(shard, path):
-        key = A.parse_expert_key(name)
-        if A.is_fused_expert_key(name):
-            raise CheckpointError(f"{shard}: fused expert tensor {name!r} is not supported")
-        if key is None:
-            if TRUNK_FILE in manifest["files"]:
-                continue
-            trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
-            continue
-        layer, expert, w = key
-        if layer_file(layer) in manifest["files"]:
-            continue
-        if layer not in layers:
-            layers[layer] = _load_partial(dst, layer, E, fmt.layout.nbytes)
-        buf, written = layers[layer]
-        fmt.write(fmt.layout.views(buf[expert]), w, t.to(device))
-        written[expert, "w1 w2 w3".split().index(w)] = 1
-    if trunk:
-        _save_part(dst / PARTS / f"trunk.{Path(shard).stem}.safetensors", trunk)
-    for layer, (buf, written) in sorted(layers.items()):
-        partial = dst / PARTS / f"{layer_file(layer)}.partial"
-        if bool(written.all()):
-            _save_unit(dst, layer_file(layer), {"experts": buf}, manifest)
-            partial.unlink(missing_ok=True)
-        else:
-            _save_part(partial, {"experts": buf, "written": written})
-
-
-def _load_partial(dst: Path, layer: int, E: int, nbytes: int):
-    """(uint8 [E, nbytes] buffers, uint8 [E, 3] which of w1/w2/w3 are in) of a half-done layer."""
-    from safetensors.torch import load_file
-
-    from .manifest import layer_file
-    partial = dst / PARTS / f"{layer_file(layer)}.partial"
-    if partial.is_file():
-        try:
-            t = load_file(str(partial))
-            if tuple(t["experts"].shape) == (E, nbytes) and tuple(t["written"].shape) == (E, 3):
-                return t["experts"], t["written"]
-        except Exception:   # a part cut short by a disconnect: start the layer again
-            pass
-    return torch.zeros(E, nbytes, dtype=torch.uint8), torch.zeros(E, 3, dtype=torch.uint8)
-
-
-def _save_part(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _read_state(dst: Path, identity: str) -> dict:
-    f = dst / STATE
-    if not f.is_file():
-        return {"source": identity, "done": []}
-    state = json.loads(f.read_text())
-    if state.get("source") != identity:
-        raise ValueError(f"{dst} holds a quantization of {state.get('source')!r}, not {identity!r}; "
-                         f"choose an empty directory")
-    return state
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 # -- a quantized directory that is already on the Hub -------------------------------------------

@@ -3,13 +3,20 @@
 A directory written by ``moe_colab.quantize`` holds
 
     moe_colab_quant.json        the manifest: format version, scheme (QuantConfig), the original
-                                config.json, the expert buffer layout, and per file its size,
-                                sha256 and tensors (shape, dtype)
+                                config.json, what it was made from (source id, config sha256,
+                                shard sizes), the expert buffer layout, and per file its size,
+                                sha256 and tensors (shape, dtype); written by writer.py only
+    moe_colab_verified.json     which files were checked against their sha256, keyed by size and
+                                mtime: a file changed since then is checked again
     trunk.safetensors           every non-expert tensor under transformers-5 parameter names;
                                 quantized attention projections as QuantLinear buffers
                                 (model.layers.L.self_attn.q_proj.q4, ...s_q, ...)
     layer_000.safetensors ...   "experts": uint8 [num_experts, nbytes], one packed buffer per
                                 expert (the ExpertFormat layout), ready for ExpertStore
+
+Loading checks every unit against its sha256 while it reads it, unless the verified stamp says
+the file is unchanged since its last check (the writer stamps what it writes, so the first load
+after quantize costs no hashing); a mismatch names the file and says how to redo it.
 
 Loader API (called by moe_colab.model.load_model):
     is_quantized_dir(path) -> bool
@@ -36,6 +43,9 @@ MANIFEST = "moe_colab_quant.json"
 FORMAT = "moe_colab-quant"
 FORMAT_VERSION = 1
 TRUNK_FILE = "trunk.safetensors"
+VERIFIED = "moe_colab_verified.json"
+REQUIRED = ("model_type", "scheme_name", "scheme", "config", "source", "expert_dtype", "expert_nbytes",
+            "expert_layout", "files", "complete")
 _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32}
 _ST_DTYPES = {"U8": "uint8", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
@@ -58,9 +68,52 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def file_entry(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """The manifest record of one written file."""
-    return {"size": path.stat().st_size, "sha256": sha256_file(path),
+    """The manifest record of one written file (and its verified stamp: it was just hashed)."""
+    sha = sha256_file(path)
+    record_verified(path.parent, path.name, sha)
+    return {"size": path.stat().st_size, "sha256": sha,
             "tensors": {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in tensors.items()}}
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def record_verified(directory: Path, name: str, sha: str) -> None:
+    """Remember that ``name`` matched ``sha`` at its current size and mtime (best effort: a
+    read-only directory is simply checked again next time)."""
+    directory = Path(directory)
+    f = directory / VERIFIED
+    try:
+        stamps = json.loads(f.read_text()) if f.is_file() else {}
+        stamps[name] = _stat_key(directory / name) + [sha]
+        tmp = directory / (VERIFIED + ".tmp")
+        tmp.write_text(json.dumps(stamps, indent=1))
+        os.replace(tmp, f)
+    except (OSError, ValueError):
+        pass
+
+
+def is_verified(directory: Path, name: str, sha: str) -> bool:
+    f = Path(directory) / VERIFIED
+    try:
+        stamp = json.loads(f.read_text()).get(name)
+        return stamp == _stat_key(Path(directory) / name) + [sha]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_sha256(directory: Path, name: str, entry: dict) -> None:
+    """Hash ``name`` unless its stamp says it is unchanged since it last matched; raise naming it."""
+    directory = Path(directory)
+    if is_verified(directory, name, entry["sha256"]):
+        return
+    if sha256_file(directory / name) != entry["sha256"]:
+        raise CheckpointError(f"{directory / name}: sha256 does not match {MANIFEST} (the file is corrupt or was "
+                              f"changed); run moe_colab.quantize(src, {str(directory)!r}) again to redo it, or "
+                              f"`python -m moe_colab verify {directory}`")
+    record_verified(directory, name, entry["sha256"])
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -88,6 +141,10 @@ def read_manifest(path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{f} has format version {manifest.get('format_version')}, this moe_colab "
                               f"reads version {FORMAT_VERSION}; quantize the checkpoint again")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{f} lacks {missing}: it was not written by moe_colab.quantize or was edited; "
+                              f"quantize the checkpoint again")
     return manifest
 
 
@@ -111,8 +168,11 @@ def verify_file(directory: Path, name: str, entry: dict, *, checksum: bool = Fal
         if got != (list(want[t]["shape"]), want[t]["dtype"]):
             raise CheckpointError(f"{name}: tensor {t!r} is {got[0]} {got[1]} in the file, {MANIFEST} says "
                                   f"{want[t]['shape']} {want[t]['dtype']}")
-    if checksum and sha256_file(path) != entry["sha256"]:
-        raise CheckpointError(f"{name}: sha256 does not match {MANIFEST} (the file is corrupt)")
+    if checksum:
+        try:
+            check_sha256(directory, name, entry)
+        except CheckpointError:
+            raise CheckpointError(f"{name}: sha256 does not match {MANIFEST} (the file is corrupt)") from None
 
 
 def open_quantized(path, quant=None, *, verify: str = "headers"):
@@ -164,12 +224,14 @@ def expert_format_for(manifest: dict, dtype: torch.dtype = torch.float16, act=No
     return fmt
 
 
-def load_layer_experts(path, manifest: dict, layer: int) -> torch.Tensor:
-    """uint8 [num_experts, nbytes]: every expert buffer of one layer."""
+def load_layer_experts(path, manifest: dict, layer: int, *, verify: bool = True) -> torch.Tensor:
+    """uint8 [num_experts, nbytes]: every expert buffer of one layer (checked against its sha256)."""
     from safetensors.torch import load_file
     name = layer_file(layer)
     if name not in manifest["files"]:
         raise CheckpointError(f"{MANIFEST} has no record of {name}")
+    if verify:
+        check_sha256(path, name, manifest["files"][name])
     buf = load_file(str(Path(path) / name))["experts"]
     want = (manifest["config"]["num_local_experts"], manifest["expert_nbytes"])
     if tuple(buf.shape) != want or buf.dtype != torch.uint8:
@@ -186,10 +248,12 @@ def iter_quantized_experts(path, manifest: dict):
             yield layer, expert, buf[expert]
 
 
-def load_trunk_state_dict(path, manifest: dict) -> dict[str, torch.Tensor]:
+def load_trunk_state_dict(path, manifest: dict, *, verify: bool = True) -> dict[str, torch.Tensor]:
     """Non-expert tensors under transformers-5 names; attention projections as QuantLinear
     buffers when attention is quantized (install them with format.attach_quant_linears_)."""
     from safetensors.torch import load_file
     if TRUNK_FILE not in manifest["files"]:
         raise CheckpointError(f"{MANIFEST} has no record of {TRUNK_FILE}")
+    if verify:
+        check_sha256(path, TRUNK_FILE, manifest["files"][TRUNK_FILE])
     return load_file(str(Path(path) / TRUNK_FILE))

@@ -1,23 +1,25 @@
-"""Quantize a Mixtral checkpoint once, into a directory that load_model reads directly.
+"""Quantize a checkpoint once, into a directory that load_model reads directly.
 
     moe_colab.quantize("mistralai/Mixtral-8x7B-v0.1", "mixtral-2bit", quant="paper-2bit")
     python -m moe_colab quantize SRC DST --quant paper-2bit          (main_quantize)
 
-The original checkpoint is streamed shard by shard, one tensor at a time (safe_open), so host
-memory holds about one shard's worth of trunk tensors plus the expert buffers of the layer(s)
-being filled. Work is split in units, the trunk and then each layer; a finished unit is written
-to a temporary file, renamed, and recorded (size, sha256, tensors) in the manifest, which is
-itself replaced atomically. Rerunning after an interruption verifies the recorded units and
-does only the rest. The directory layout is described in manifest.py.
+Two drivers feed the one writer (writer.py: units, manifest, resume, identity):
+
+    quantize(src, dst)          a local checkpoint (or "tiny", or a Hub snapshot): the trunk
+                                first, then each layer in order, one tensor at a time (safe_open),
+                                so host memory holds about one shard's trunk tensors plus the
+                                expert buffers of the layer(s) being filled
+    quantize_shards(source, dst) any shard source (hub.HubShards, authors.AuthorsShards): one
+                                shard at a time, fetched, quantized and released; layers that
+                                straddle shards are kept as parts between shards
+
+Rerunning after an interruption verifies the recorded units and does only the rest.
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.3 (mixed HQQ quantization).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,17 +27,17 @@ import torch
 from ..adapters.mixtral import MixtralAdapter as A
 from ..checkpoint import CheckpointError, read_config_dict, resolve, shard_map
 from ..quant.config import PRESETS, QuantConfig, resolve_quant
-from ..quant.format import expert_format
-from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST, TRUNK_FILE, dtype_name, file_entry, layer_file,
-                       read_manifest, verify_file, write_manifest)
-from ..quant.matrix import default_device, quantize_matrix
+from .manifest import TRUNK_FILE, layer_file
+from .writer import QuantizedDirWriter, fresh_manifest
 
 _ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
+WEIGHTS = ("w1", "w2", "w3")
 
 
 def quantize_trunk_tensor(name: str, t: torch.Tensor, qcfg: QuantConfig, device) -> dict[str, torch.Tensor]:
     """One non-expert checkpoint tensor -> the trunk entries it becomes: an attention projection
     as QuantLinear buffers (when attention is quantized), anything else unchanged."""
+    from ..quant.matrix import quantize_matrix
     attn_bits, g, sg = qcfg.matrix("attn")
     m = _ATTN_KEY.match(name)
     if m and attn_bits != 16:
@@ -43,37 +45,35 @@ def quantize_trunk_tensor(name: str, t: torch.Tensor, qcfg: QuantConfig, device)
     return {A.trunk_key(name): t}
 
 
-def _save_unit(dst: Path, name: str, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = dst / (name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dst / name)
-    manifest["files"][name] = file_entry(dst / name, tensors)
-    write_manifest(dst, manifest)
+def _prepare(config_dict: dict, identity: str, quant, dtype, device, shards: dict | None = None):
+    """(config, QuantConfig, format, device, fresh manifest): every check before anything is written."""
+    from ..quant.format import expert_format
+    from ..quant.matrix import default_device
+    qcfg = resolve_quant(quant)
+    if qcfg is None or qcfg.is_noop:
+        raise ValueError("quant selects no quantization (16-bit attention and experts): there is nothing "
+                         "to write; load the original checkpoint instead")
+    if not isinstance(config_dict, dict) or config_dict.get("model_type") != A.model_type:
+        got = config_dict.get("model_type") if isinstance(config_dict, dict) else type(config_dict).__name__
+        raise CheckpointError(f"{identity}: config.json has model_type {got!r}; only '{A.model_type}' "
+                              f"checkpoints can be quantized")
+    config = A.config_class().from_dict(config_dict)
+    qcfg.validate_for(config)
+    device = torch.device(device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available here; pass device='cpu' "
+                           "(slower) or run on a GPU")
+    fmt = expert_format(config, qcfg, dtype)
+    fresh = fresh_manifest(model_type=A.model_type, config=config, qcfg=qcfg, dtype=dtype, fmt=fmt,
+                           source=identity, shards=shards)
+    return config, qcfg, fmt, device, fresh
 
 
-def _start_or_resume(dst: Path, fresh: dict, verify: bool) -> dict:
-    """The manifest to continue from: ``fresh`` for a new directory, the recorded one (with only
-    its intact files kept) when resuming the same job; raises for a different job."""
-    dst.mkdir(parents=True, exist_ok=True)
-    if not (dst / MANIFEST).is_file():
-        write_manifest(dst, fresh)
-        return fresh
-    old = read_manifest(dst)
-    identity = ("scheme", "config", "expert_layout", "expert_dtype")
-    if any(old.get(k) != fresh[k] for k in identity):
-        raise ValueError(f"{dst} already holds a different quantization ({old.get('scheme_name')!r} of "
-                         f"another checkpoint or with other settings); choose an empty directory or delete it")
-    finished = old.get("complete", False)      # a finished run: sizes and headers suffice
-    for name, entry in list(old["files"].items()):
-        try:
-            verify_file(dst, name, entry, checksum=verify and not finished)
-        except CheckpointError as e:
-            warnings.warn(f"redoing {name}: {e}")
-            del old["files"][name]
-    old["complete"] = False
-    write_manifest(dst, old)
-    return old
+def _check_destination(src_dir: Path, dst: Path) -> None:
+    src, out = src_dir.resolve(), dst.resolve()
+    if out == src or src in out.parents:
+        raise ValueError(f"the output directory {dst} is (inside) the source checkpoint {src_dir}: choose "
+                         f"another directory")
 
 
 def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = torch.float16,
@@ -85,30 +85,15 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
     on_unit_done(name): called after each unit ("trunk.safetensors", "layer_000.safetensors", ...)
     is safely on disk. Returns dst as a Path; rerunning on a finished directory is a no-op.
     """
-    qcfg = resolve_quant(quant)
-    if qcfg is None or qcfg.is_noop:
-        raise ValueError("quant selects no quantization (16-bit attention and experts): there is nothing "
-                         "to write; load the original checkpoint instead")
     src_dir, dst = resolve(src), Path(dst)
-    cfg_dict = read_config_dict(src_dir)
-    if cfg_dict.get("model_type") != A.model_type:
-        raise CheckpointError(f"{src_dir}/config.json has model_type {cfg_dict.get('model_type')!r}; only "
-                              f"'{A.model_type}' checkpoints can be quantized")
-    config = A.config_class().from_dict(cfg_dict)
-    qcfg.validate_for(config)
+    _check_destination(src_dir, dst)
     shards = shard_map(src_dir)
-    device = torch.device(device or default_device())
-    fmt = expert_format(config, qcfg, dtype)
-    n_layers, n_experts = A.num_layers(config), A.num_experts(config)
-
-    fresh = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": A.model_type,
-             "scheme_name": qcfg.name, "scheme": qcfg.to_dict(), "config": config.to_dict(),
-             "source": str(src), "expert_dtype": dtype_name(dtype), "expert_nbytes": fmt.layout.nbytes,
-             "expert_layout": [[s.name, list(s.shape), dtype_name(s.dtype), s.offset] for s in fmt.layout.specs],
-             "files": {}, "complete": False}
-    fresh = json.loads(json.dumps(fresh))   # as it will read back from disk, for the resume check
-    manifest = _start_or_resume(dst, fresh, verify_existing)
-    done = set(manifest["files"])
+    sizes = {name: (src_dir / name).stat().st_size for name in shards}
+    config, qcfg, fmt, device, fresh = _prepare(read_config_dict(src_dir), str(src), quant, dtype, device, sizes)
+    writer = QuantizedDirWriter(dst, fresh, verify_existing=verify_existing)
+    if writer.complete:
+        return dst
+    n_experts = A.num_experts(config)
 
     todo_trunk, todo_experts = [], []
     for shard, names in shards.items():
@@ -118,18 +103,18 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
                                       f"supported; save the checkpoint in the original layout")
             key = A.parse_expert_key(name)
             if key is None:
-                if TRUNK_FILE not in done:
+                if not writer.has(TRUNK_FILE):
                     todo_trunk.append((shard, name))
-            elif layer_file(key[0]) not in done:
+            elif not writer.has(layer_file(key[0])):
                 todo_experts.append((shard, name, key))
     # experts in (layer, expert) order, so shards are visited in layer order and a layer that
     # straddles two shards completes in the next one: at most about two layers are open at once
     todo_experts.sort(key=lambda item: item[2])
-    total = len(todo_trunk) + len(todo_experts)
 
     from safetensors import safe_open
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=f"quantize {qcfg.name}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(todo_trunk) + len(todo_experts), desc=f"quantize {qcfg.name}", unit="tensor",
+               disable=not progress)
 
     def tensors_of(todo):
         """(item, tensor) for a list of (shard, name, ...) items, one open shard at a time."""
@@ -144,32 +129,100 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
             trunk = {}
             for (_, name), t in tensors_of(todo_trunk):
                 trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
-            _save_unit(dst, TRUNK_FILE, trunk, manifest)
+            writer.save_unit(TRUNK_FILE, trunk)
             del trunk
             if on_unit_done:
                 on_unit_done(TRUNK_FILE)
 
         open_layers: dict[int, tuple[torch.Tensor, set]] = {}   # layer -> (uint8 [E, nbytes], written)
-        for (_, _, (layer, expert, w)), t in tensors_of(todo_experts):
+        for (shard, _, (layer, expert, w)), t in tensors_of(todo_experts):
             buf, written = open_layers.setdefault(
                 layer, (torch.zeros(n_experts, fmt.layout.nbytes, dtype=torch.uint8), set()))
-            # hqq runs on `device`; 16-bit experts are only copied (and cast) into the buffer
-            fmt.write(fmt.layout.views(buf[expert]), w, t if qcfg.expert_bits == 16 else t.to(device))
+            _write_expert_matrix(fmt, qcfg, buf[expert], w, t, device, layer, expert, shard)
             written.add((expert, w))
-            if len(written) == 3 * n_experts:
-                _save_unit(dst, layer_file(layer), {"experts": buf}, manifest)
+            if len(written) == len(WEIGHTS) * n_experts:
+                writer.save_unit(layer_file(layer), {"experts": buf})
                 del open_layers[layer]
                 if on_unit_done:
                     on_unit_done(layer_file(layer))
     finally:
         bar.close()
+    return writer.finish()
 
-    missing = [n for n in [TRUNK_FILE] + [layer_file(l) for l in range(n_layers)] if n not in manifest["files"]]
-    if missing:
-        raise CheckpointError(f"{src_dir} lacks tensors for {missing} (e.g. some experts of those layers)")
-    manifest["complete"] = True
-    write_manifest(dst, manifest)
-    return dst
+
+def _write_expert_matrix(fmt, qcfg, row: torch.Tensor, w: str, t: torch.Tensor, device, layer: int, expert: int,
+                         shard_of: str) -> None:
+    """One original expert matrix into its expert's packed buffer (quantized by hqq on ``device``;
+    16-bit experts are only copied); a wrong shape names the layer, the expert and the shard."""
+    want = fmt.shapes[w] if hasattr(fmt, "shapes") else None
+    if want is not None and tuple(t.shape) != tuple(want):
+        raise CheckpointError(f"{shard_of}: {A.expert_key(layer, expert, w)} has shape {tuple(t.shape)}, the "
+                              f"config needs {tuple(want)}")
+    try:
+        fmt.write(fmt.layout.views(row), w, t if qcfg.expert_bits == 16 else t.to(device))
+    except ValueError as e:
+        raise CheckpointError(f"{shard_of}: {A.expert_key(layer, expert, w)}: {e}") from e
+
+
+def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, progress=True,
+                    on_shard_done=None) -> Path:
+    """Write ``source`` (hub.HubShards, authors.AuthorsShards, or any object with config, identity,
+    shards, fetch, tensors, release, small_files) into a quantized directory, shard by shard."""
+    from tqdm.auto import tqdm
+    config, qcfg, fmt, device, fresh = _prepare(source.config, source.identity, quant, dtype, device)
+    writer = QuantizedDirWriter(dst, fresh)
+    E = A.num_experts(config)
+    done = set(writer.shards_done())
+
+    def needed(shard) -> bool:
+        names = getattr(source, "names", {}).get(shard)
+        if shard in done:
+            return False
+        if not names:
+            return True
+        layers = {k[0] for k in map(A.parse_expert_key, names) if k is not None}
+        trunk = any(A.parse_expert_key(n) is None for n in names)
+        return (trunk and not writer.has(TRUNK_FILE)) or any(not writer.has(layer_file(l)) for l in layers)
+
+    if not writer.complete:
+        for shard in tqdm(source.shards, desc=f"quantize {qcfg.name}", unit="shard", disable=not progress):
+            if not needed(shard):
+                continue
+            path = source.fetch(shard)
+            try:
+                _quantize_shard(source, shard, path, writer, qcfg, fmt, E, device)
+            finally:
+                source.release(shard, path)
+            writer.mark_shard_done(shard)
+            if on_shard_done:
+                on_shard_done(shard)
+        writer.trunk_from_parts()
+    return writer.finish(source.small_files())
+
+
+def _quantize_shard(source, shard, path, writer: QuantizedDirWriter, qcfg, fmt, E, device) -> None:
+    """Quantize one shard's tensors; save its trunk part and every layer it touched."""
+    trunk, layers = {}, {}
+    for name, t in source.tensors(shard, path):
+        if A.is_fused_expert_key(name):
+            raise CheckpointError(f"{shard}: fused expert tensor {name!r} is not supported")
+        key = A.parse_expert_key(name)
+        if key is None:
+            if not writer.has(TRUNK_FILE):
+                trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
+            continue
+        layer, expert, w = key
+        if writer.has(layer_file(layer)):
+            continue
+        if layer not in layers:
+            layers[layer] = writer.load_partial(layer, E, fmt.layout.nbytes, len(WEIGHTS))
+        buf, written = layers[layer]
+        _write_expert_matrix(fmt, qcfg, buf[expert], w, t, device, layer, expert, shard)
+        written[expert, WEIGHTS.index(w)] = 1
+    if trunk:
+        writer.save_trunk_part(shard, trunk)
+    for layer, (buf, written) in sorted(layers.items()):
+        writer.save_layer(layer, buf, written)
 
 
 def parse_quant_arg(text: str) -> QuantConfig:
