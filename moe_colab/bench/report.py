@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from .t4_estimate import benchmark_section as t4_compute_section
+
 T4_GBPS = 12.0           # a T4's pinned host->device rate in practice (PCIe 3.0 x16)
 COLAB_RAM = 12.7e9       # free Colab's host memory, bytes
 ROW_NAMES = {"full": "Full algorithm (LRU + prefetch)", "no_prefetch": "W/o expert pre-loading",
@@ -211,7 +213,7 @@ def markdown(res: dict) -> str:
           "weights on the same routing, so it should be 1. Runs before the kernels' split-K partial sums were "
           "added in a fixed order (atomic adds until 2026-11-28) could differ in the last bits, enough to flip "
           "a greedy near-tie on random weights; after that, below 1 means a bug.", ""]
-    return "\n".join(L)
+    return "\n".join(L + t4_compute_section(res))   # the T4 estimate with compute, beside the one above
 
 
 def write_reports(res: dict, out_dir: Path) -> None:
