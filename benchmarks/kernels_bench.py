@@ -8,8 +8,10 @@ An expert is y = w2(silu(w1 x) * w3 x), w1, w3 [14336, 4096], w2 [4096, 14336]. 
 sizes the forward is bound by reading the expert's bytes, so next to each time we print the time
 to read those bytes at this GPU's measured device bandwidth (a large device-to-device copy).
 Variants: "auto" (what quant_linear runs), "fma" (the T4's path), "dot" (tensor cores, sm_80+),
-"dequant" (Triton dequantize + cuBLAS, the prefill path), "torch" (the fallback, T = 1 only),
-and the 16-bit expert (cuBLAS). Random codes, scales and zeros are packed with packing.py (no
+"dequant" (Triton dequantize + cuBLAS, the prefill path), "fallback" (what a model falls back to
+when its kernels fail: quant/fallback.py, the NVRTC dequantize kernel + cuBLAS on CUDA), "torch"
+(the old torch reference path, T = 1 only), and the 16-bit expert (cuBLAS). The T4's own sm_75
+code, the fallback against the copy time and a T4 estimate: benchmarks/t4_kernels.py. Random codes, scales and zeros are packed with packing.py (no
 hqq needed: speed does not depend on the values). A small launch-parameter sweep per matrix
 follows, to tune kernels.launch_config. Each section runs in its own process, so one crash (a
 compile error, an illegal address) is reported and the others still run.
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels_compile import SCHEMES, random_matrix  # noqa: E402
 
-from moe_colab.quant import kernels, packing  # noqa: E402
+from moe_colab.quant import fallback, kernels, packing  # noqa: E402
 
 FULL = dict(hidden=4096, intermediate=14336, T=[1, 4, 16], copy_mib=2048)
 QUICK = dict(hidden=512, intermediate=1024, T=[1, 4], copy_mib=64)
@@ -68,6 +70,11 @@ def expert_fn(mats, bits, shapes, variant):
     if variant == "torch":
         def lin(x, name):
             return packing.quant_linear_torch(x, mats[name], bits, g, sg, shapes[name])
+    elif variant == "fallback":
+        ws, impl = fallback.Workspace(), "cuda" if torch.cuda.is_available() else "torch"
+
+        def lin(x, name):
+            return fallback.quant_linear_fallback(x, mats[name], bits, g, sg, shapes[name], impl=impl, workspace=ws)
     else:
         path = "auto" if variant == "auto" else variant
 
@@ -88,7 +95,8 @@ def section_bits(dev, cfg, bits):
     for T in cfg["T"]:
         x = torch.randn(T, H, device=dev, dtype=torch.float16)
         ref = expert_fn(mats, bits, shapes, "torch")(x).float()
-        variants = ["auto", "fma", "dequant"] + (["dot"] if cc >= (8, 0) else []) + (["torch"] if T == 1 else [])
+        variants = (["auto", "fma", "dequant"] + (["dot"] if cc >= (8, 0) else []) + ["fallback"]
+                    + (["torch"] if T == 1 else []))
         for variant in variants:
             row = {"T": T, "variant": variant}
             if variant in ("auto", "fma", "dot"):
@@ -184,11 +192,15 @@ def markdown(res) -> str:
              f"Device bandwidth (device-to-device copy, read + write): "
              f"{bw:.0f} GB/s. \"Read bound\" = the expert's bytes / that bandwidth." if bw else
              "Device bandwidth: not measured.", "",
-             "| expert | MB | T | auto (path) ms | fma ms | dot ms | dequant+cuBLAS ms | torch ms | read bound ms | bound / auto |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "\"fallback\": what a model uses when its kernels fail their self-test (quant/fallback.py). The T4's "
+             "sm_75 code run on this GPU, the fallback against the copy time, and a T4 estimate with compute: "
+             "[t4_kernels.md](t4_kernels.md).", "",
+             "| expert | MB | T | auto (path) ms | fma ms | dot ms | dequant+cuBLAS ms | fallback ms | torch ms | "
+             "read bound ms | bound / auto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in res["experts"]:
         if "error" in e:
-            lines.append(f"| {e['bits']}-bit | | | section failed: {e['error'][:120]} | | | | | | |")
+            lines.append(f"| {e['bits']}-bit | | | section failed: {e['error'][:120]} | | | | | | | |")
             continue
         mb = e["bytes"] / 1e6
         bound = e["bytes"] / (bw * 1e9) * 1e3 if bw else None
@@ -200,14 +212,14 @@ def markdown(res) -> str:
             get = lambda v: cell.get(v, ("-", None))[0]   # noqa: E731
             if e["bits"] == 16:
                 auto_ms = cell["cublas"][1]["ms"]
-                lines.append(f"| 16-bit | {mb:.0f} | {T} | {auto_ms:.3f} (cuBLAS) | - | - | - | - | "
-                             f"{bound:.3f} | {bound / auto_ms:.0%} |" if bound else f"| 16-bit | {mb:.0f} | {T} | {auto_ms:.3f} | | | | | | |")
+                lines.append(f"| 16-bit | {mb:.0f} | {T} | {auto_ms:.3f} (cuBLAS) | - | - | - | - | - | "
+                             f"{bound:.3f} | {bound / auto_ms:.0%} |" if bound else f"| 16-bit | {mb:.0f} | {T} | {auto_ms:.3f} | | | | | | | |")
                 continue
             auto = cell.get("auto", ("-", None))
             auto_txt = f"{auto[0]} ({auto[1].get('path', '?')})" if auto[1] else "-"
             ratio = f"{bound / auto[1]['ms']:.0%}" if bound and auto[1] and "ms" in auto[1] else "-"
             lines.append(f"| {e['bits']}-bit | {mb:.1f} | {T} | {auto_txt} | {get('fma')} | {get('dot')} | "
-                         f"{get('dequant')} | {get('torch')} | {f'{bound:.3f}' if bound else '-'} | {ratio} |")
+                         f"{get('dequant')} | {get('fallback')} | {get('torch')} | {f'{bound:.3f}' if bound else '-'} | {ratio} |")
     errs = [(e["bits"], r) for e in res["experts"] for r in e.get("rows", []) if "error" in r]
     if errs:
         lines += ["", "Errors:", ""] + [f"- {b}-bit T={r['T']} {r['variant']}: {r['error']}" for b, r in errs]

@@ -210,6 +210,7 @@ def preload(compiled_list, threads: int = 8) -> list[str]:
     if not pending:
         return []
     device = torch.cuda.current_device()
+    _tr().triton.runtime.driver.active.get_current_device()     # initialise Triton's driver once, here
 
     def one(c):
         torch.cuda.set_device(device)

@@ -69,6 +69,21 @@ def test_bytes_per_weight_orders_the_paths():
         fallback.bytes_per_weight("nope", 2, 16)
 
 
+def test_nvrtc_compiles_the_kernel_without_a_gpu():
+    """Where an NVRTC library is found (CUDA builds of torch ship one; CUDA_HOME works too), the
+    kernel source compiles to a cubin for the T4 and the H200 and to PTX."""
+    try:
+        fallback._find_nvrtc()
+    except fallback.NvrtcError as e:
+        pytest.skip(str(e))
+    for arch in ("sm_75", "sm_90"):
+        assert fallback.nvrtc_compile(fallback.KERNEL_SOURCE, arch)[:4] == b"\x7fELF"
+    ptx = fallback.nvrtc_compile(fallback.KERNEL_SOURCE, "compute_75")
+    assert b".target sm_75" in ptx and ptx.endswith(b"\0") and b"fma.rn.f32" not in ptx     # --fmad=false
+    with pytest.raises(fallback.NvrtcError, match="could not compile"):
+        fallback.nvrtc_compile("this is not CUDA", "sm_75")
+
+
 # -- GPU ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @cuda

@@ -206,8 +206,9 @@ def _find_driver() -> ctypes.CDLL:
         raise NvrtcError(f"no CUDA driver library: {e}") from e
 
 
-def compile_ptx(source: str, arch: str) -> str:
-    """PTX text of ``source`` for ``arch`` (e.g. "compute_75") by NVRTC."""
+def nvrtc_compile(source: str, arch: str) -> bytes:
+    """``source`` compiled by NVRTC: a cubin for arch "sm_XY", PTX text (NUL-terminated) for
+    "compute_XY". Raises NvrtcError with NVRTC's log."""
     lib = _find_nvrtc()
     prog = ctypes.c_void_p()
 
@@ -226,11 +227,12 @@ def compile_ptx(source: str, arch: str) -> str:
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
             raise NvrtcError(f"NVRTC could not compile the dequantize kernel for {arch}:\n{log.value.decode()[:2000]}")
+        kind = "CUBIN" if arch.startswith("sm_") else "PTX"
         size = ctypes.c_size_t()
-        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
-        ptx = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        return ptx.value.decode()
+        check(getattr(lib, f"nvrtcGet{kind}Size")(prog, ctypes.byref(size)), f"nvrtcGet{kind}Size")
+        image = ctypes.create_string_buffer(size.value)
+        check(getattr(lib, f"nvrtcGet{kind}")(prog, image), f"nvrtcGet{kind}")
+        return image.raw                            # PTX: NUL-terminated, as cuModuleLoadData wants
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -243,14 +245,16 @@ class CudaDequant:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.index = index
         major, minor = torch.cuda.get_device_capability(index)
-        self.arch = f"compute_{major}{minor}"
-        try:
-            self.ptx = compile_ptx(KERNEL_SOURCE, self.arch)
-        except NvrtcError:
-            if (major, minor) <= (7, 5):
-                raise
-            self.arch = "compute_75"      # an NVRTC older than this GPU: PTX the driver JIT-compiles
-            self.ptx = compile_ptx(KERNEL_SOURCE, self.arch)
+        # A cubin for this GPU needs no PTX JIT (and no driver as new as NVRTC's PTX ISA); an
+        # NVRTC older than the GPU cannot make one: then PTX the driver compiles.
+        for arch in (f"sm_{major}{minor}", f"compute_{major}{minor}", "compute_75"):
+            try:
+                self.image, self.arch = nvrtc_compile(KERNEL_SOURCE, arch), arch
+                break
+            except NvrtcError as e:
+                error = e
+        else:
+            raise error
         cu = self.cu = _find_driver()
         torch.cuda.init()
         self.ctx = ctypes.c_void_p()
@@ -259,8 +263,7 @@ class CudaDequant:
         self._check(cu.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev), "cuDevicePrimaryCtxRetain")
         self.module, self.function = ctypes.c_void_p(), ctypes.c_void_p()
         with self._context():
-            image = self.ptx.encode() + b"\0"
-            self._check(cu.cuModuleLoadData(ctypes.byref(self.module), image), "cuModuleLoadData")
+            self._check(cu.cuModuleLoadData(ctypes.byref(self.module), self.image), "cuModuleLoadData")
             self._check(cu.cuModuleGetFunction(ctypes.byref(self.function), self.module, KERNEL_NAME.encode()),
                         "cuModuleGetFunction")
 
