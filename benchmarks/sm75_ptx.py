@@ -205,7 +205,8 @@ def load(compiled):
 
 def preload(compiled_list, threads: int = 8) -> list[str]:
     """Load many kernels at once: loadBinary releases the GIL around cuModuleLoadData, so the
-    driver's JIT compiles run side by side. Returns the errors (each is retried by launch)."""
+    driver's JIT compiles run side by side (and each sm_75 cubin's cuobjdump report is read
+    meanwhile). Returns the errors (each is retried by launch)."""
     pending = [c for c in compiled_list if getattr(c, "module", None) is None]
     if not pending:
         return []
@@ -215,6 +216,7 @@ def preload(compiled_list, threads: int = 8) -> list[str]:
     def one(c):
         torch.cuda.set_device(device)
         try:
+            sm75_usage(c)
             load(c)
             return None
         except Exception as e:

@@ -358,7 +358,8 @@ def test_gpu_dequant_kernel_and_dispatch(bits):
 @cuda
 def test_gpu_fallback_warns_once(monkeypatch):
     """If the kernel cannot run on this GPU, the model's ModelCompute warns once, records why,
-    and uses the torch path; another model's ModelCompute is not switched."""
+    and uses the fallback (dequantize + cuBLAS, quant/fallback.py); another model's ModelCompute
+    is not switched."""
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compile failure")
     bits, (g, sg) = 4, SCHEMES[4]
@@ -374,7 +375,7 @@ def test_gpu_fallback_warns_once(monkeypatch):
         warnings.simplefilter("error")
         y2 = compute.quant_linear(x, mat, bits, g, sg, (256, 512))
     ref = packing.quant_linear_torch(x, mat, bits, g, sg, (256, 512))
-    assert torch.equal(y, ref) and torch.equal(y2, ref)
+    assert rel_err(y, ref) < 1e-3 and torch.equal(y2, y)      # the same W (bit-exact), then cuBLAS
     assert "simulated compile failure" in compute.fallbacks["kernels"]
     monkeypatch.undo()
     assert other.fallbacks == {} and torch.equal(other.quant_linear(x, mat, bits, g, sg, (256, 512)), fine)
