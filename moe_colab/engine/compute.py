@@ -36,17 +36,19 @@ SELF_TEST_ROWS = 80            # output rows of the test matrix: one full and on
 
 def self_test_cases(bits: int, group_size: int, dtype: torch.dtype, cc, sms) -> list[dict]:
     """[{T, shape, split_k, cfg}]: the kernel paths a model with this scheme takes on a (cc, sms)
-    GPU, on a small matrix with 32 groups per plane (so split-K happens, and its integer
-    arguments are multiples of 16 like Mixtral's). Cases with the same launch config are merged."""
+    GPU, on a small matrix with 32 groups per plane (so split-K happens): one token (the GEMV
+    variant) and a few tokens, each with split-K (fp32 partial sums) and without (the result
+    stored in x's dtype), the most fused tokens (the tensor-core path where this GPU has it), and
+    one prefill row more (the dequant kernel). Cases with the same launch config are merged."""
     from ..quant import kernels as K
 
     k = K.PLANES[bits] * group_size * 32
     shape = (SELF_TEST_ROWS, k)
     xdtype = torch.float32 if (dtype == torch.bfloat16 and tuple(cc) < (8, 0)) else dtype
     cases, seen = [], set()
-    for T, split_k in ((1, None), (1, 1), (2, None), (K.MAX_FUSED_T, None), (K.MAX_FUSED_T + 1, None)):
+    for T, split_k in ((1, None), (1, 1), (2, None), (2, 1), (K.MAX_FUSED_T, None), (K.MAX_FUSED_T + 1, None)):
         cfg = K.launch_config(T, shape, bits, group_size, xdtype, tuple(cc), sms, split_k=split_k)
-        key = tuple(sorted(cfg.items())) + ((T == 1,) if cfg["path"] != "dequant" else ())
+        key = tuple(sorted(cfg.items()))
         if key in seen:
             continue
         seen.add(key)
