@@ -15,8 +15,8 @@ Two implementations of the dequantizing pass, the same arithmetic as packing.deq
 
     "cuda"   one elementwise CUDA kernel (source below), compiled at first use by NVRTC, the
              runtime compiler that ships with every CUDA build of PyTorch (no nvcc, no Triton),
-             loaded and launched through the CUDA driver API with ctypes on torch's current
-             stream. Reads the packed bytes once, writes each 16-bit weight once: with cuBLAS
+             into a cubin for this GPU, loaded and launched through the CUDA driver API with
+             ctypes on torch's current stream (so CUDA graphs capture it). Reads the packed bytes once, writes each 16-bit weight once: with cuBLAS
              re-reading them, ~4.4 bytes per weight.
     "torch"  vectorised torch (runs anywhere, CPU included): unpack into a uint8 buffer, then
              two fp32 passes; ~16 bytes per weight. Used when NVRTC or the driver is missing.
@@ -293,6 +293,8 @@ class CudaDequant:
         for t in (qa, qb, out, *(mat[nm] for nm in META_NAMES)):
             if t.device != self.device:
                 raise ValueError(f"tensor on {t.device}, the kernel was loaded for {self.device}")
+        if qa.stride(1) != 1 or qb.stride(1) != 1 or not all(mat[nm].is_contiguous() for nm in META_NAMES):
+            raise ValueError("the kernel reads codes with unit column stride and contiguous scales/zeros")
         if out.stride(1) != 1 or tuple(out.shape) != (r1 - r0, k) or out.dtype not in _KIND:
             raise ValueError(f"out must be [{r1 - r0}, {k}] fp32/fp16/bf16 with unit column stride, got "
                              f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
