@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(PY) -m moe_colab generate --model tiny --prompt "def fibonacci(n):" --max-new-tokens 48
+	$(PY) -m moe_colab generate --model tiny --prompt "def fibonacci(n):" --max-new-tokens 48 --experts-on-device 4
 
 test: install
 	$(PY) -m pytest -q tests notebooks --nbval-lax $(PYTEST_ARGS)

@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
         from .convert.quantize import parse_quant_arg
         quant = parse_quant_arg(quant)
     model = load_model(directory, device=device, dtype=dtype, experts_on_device=args.experts_on_device,
-                       prefetch=args.prefetch, quant=quant, swap=args.swap)
+                       prefetch=args.prefetch, quant=quant, swap=args.swap or None)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SystemExit(f"--chat: the tokenizer of {args.model} has no chat template")
@@ -77,7 +77,8 @@ def cmd_generate(args) -> int:
     elapsed = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(f"\n\n{new} tokens in {elapsed:.2f} s: {new / elapsed:.2f} tokens/s "
-          f"({device}, {str(dtype)[6:]}, experts_on_device={args.experts_on_device}, prefetch={args.prefetch})")
+          f"({device}, {str(dtype)[6:]}, experts_on_device={model.offload_options.experts_on_device}"
+          f"{' (swap mode)' if model.offload_options.swap else ''}, prefetch={args.prefetch})")
     print("expert cache:")
     print(format_stats(model.offload_stats()))
     return 0
@@ -101,6 +102,15 @@ def tokenizer_source(directory):
     return resolve(read_manifest(directory)["source"])
 
 
+def _count_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of experts or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_colab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    g.add_argument("--experts-on-device", type=int, default=4)
+    g.add_argument("--experts-on-device", type=_count_or_auto, default="auto",
+                   help="device slots per layer, or 'auto' (default): the most that fit this machine")
     g.add_argument("--prefetch", type=int, default=2)
     g.add_argument("--quant", default=None,
                    help="quantize while loading: paper-2bit, paper-3bit or ATTN,EXPERT bits such as 4,2 "

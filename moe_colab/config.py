@@ -55,7 +55,7 @@ def mixtral_config(name: str, **overrides):
 # Every environment variable moe_colab reads, in one place (docs/engine.md lists them too).
 # They only set DEFAULTS: an argument passed in code always wins.
 ENVIRONMENT: dict[str, str] = {
-    "MOE_COLAB_CUDA_GRAPHS": "default of OffloadOptions.cuda_graphs: 1 on, 0 off (default off)",
+    "MOE_COLAB_CUDA_GRAPHS": "default of OffloadOptions.cuda_graphs: 1 on (default), 0 off",
     "MOE_COLAB_HOST_SYNC": "default of OffloadOptions.host_sync: 'mapped' or 'copy'",
     "MOE_COLAB_KERNELS": "default of OffloadOptions.kernels: 'auto', 'triton' or 'torch'",
     "MOE_COLAB_DEVICE_BYTES": "device budget of the planner and load_model's checks, e.g. '15GiB' (default: measured)",
@@ -102,15 +102,20 @@ class OffloadOptions:
     prefetch: int = 2            # experts of layer l+1 loaded speculatively while layer l runs
     guess_from: str = "auto"     # the hidden state of that guess: engine/prefetch.py, guess_source
     swap: bool = False           # an expert lives on the device OR the host (engine/storage.py)
-    cuda_graphs: bool = False    # replay one-token matmuls as CUDA graphs (engine/graphs.py)
+    cuda_graphs: bool = True     # replay one-token calls as CUDA graphs where CUDA runs (engine/graphs.py)
     host_sync: str = "mapped"    # how the router's choice reaches the host (engine/hostsync.py)
     reuse: bool = True           # False: every use is a miss (the benchmark's "no cache" row)
     kernels: str = "auto"        # low-bit matmuls: Triton where it runs, else torch (engine/compute.py)
+    prefetch_min_prob: float = 0.05   # a guess the next router gives less than this is not copied
+    spare_slots: int = 2         # swap mode: device slots any layer's load may take (no waiting
+                                 #   for write-backs); the planner counts them
+    extra_host_rows: int = 0     # swap mode: host rows beyond E - k + 1 (spread over layers), so
+                                 #   an evicted expert more often still has its host copy
 
     @classmethod
     def defaults(cls, **changes) -> "OffloadOptions":
         """Options with the environment's defaults; keyword arguments (not None) win."""
-        env = dict(cuda_graphs=_env_flag("MOE_COLAB_CUDA_GRAPHS", False),
+        env = dict(cuda_graphs=_env_flag("MOE_COLAB_CUDA_GRAPHS", True),
                    host_sync=_env_choice("MOE_COLAB_HOST_SYNC", "mapped", HOST_SYNCS),
                    kernels=_env_choice("MOE_COLAB_KERNELS", "auto", KERNELS))
         return cls(**{**env, **{k: v for k, v in changes.items() if v is not None}})
@@ -127,6 +132,12 @@ class OffloadOptions:
         for name in ("swap", "cuda_graphs", "reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("spare_slots", "extra_host_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.prefetch_min_prob, (int, float)) or not 0 <= self.prefetch_min_prob <= 1:
+            raise ValueError(f"prefetch_min_prob must be in [0, 1], got {self.prefetch_min_prob!r}")
         if self.swap and not self.reuse:
             raise ValueError("reuse=False (no cache) needs copy mode: in swap mode a slot holds the only "
                              "copy of its expert")

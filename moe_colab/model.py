@@ -43,16 +43,18 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, prefetch=2,
+def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device="auto", prefetch=2,
                quant=None, dtype=torch.float16, guess_from: str = "auto", swap: bool | None = None,
                max_context: int = 4096, progress: bool = True, cuda_graphs: bool | None = None,
-               options: OffloadOptions | None = None, events=None):
+               options: OffloadOptions | None = None, events=None, extra_host_rows: int | None = None):
     """Load a Mixtral-architecture checkpoint with its experts offloaded.
 
     path: a local directory (HF layout), a built-in name ("tiny") or a Hub id.
-    experts_on_device: LRU slots per layer on the compute device (1..num_experts), or "auto":
-        the largest number that fits this machine (moe_colab.plan), which also picks swap mode
-        when the host cannot hold every expert; raises PlanError before allocating if nothing fits.
+    experts_on_device: "auto" (default): the largest number of slots per layer that fits this
+        machine (moe_colab.plan), in swap mode when the host cannot hold every expert; or a fixed
+        count (1..num_experts), checked against the same plan. Either way a load that does not
+        fit raises PlanError, with the numbers and what would fit, before anything is allocated.
+        Budgets: $MOE_COLAB_DEVICE_BYTES / $MOE_COLAB_HOST_BYTES (e.g. "15GiB"), else measured.
     prefetch: experts of the next layer loaded speculatively (0..num_experts; 0 = off).
     guess_from: the hidden state the next layer's router guesses from: "before" or "after" this
         layer's experts; "auto" (measured best, docs/locality.md): "after" at layer 0, whose
@@ -61,8 +63,11 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     swap: keep each expert either on the device or on the host, never both (host memory
         (E - k + 1) / E of the experts instead of all; one extra device-to-host copy per miss).
         None: False, unless experts_on_device="auto" finds the host too small.
-    max_context: the longest sequence the "auto" plan leaves KV-cache room for.
+    max_context: the longest sequence the plan leaves KV-cache room for.
     cuda_graphs: replay one-token calls as CUDA graphs (None: OffloadOptions' default).
+    extra_host_rows: swap mode: host rows beyond layers x (E - k + 1), so that an evicted expert
+        more often still has its host copy (fewer write-backs); None: what the host budget leaves
+        when experts_on_device="auto", else 0.
     options: an OffloadOptions holding every engine setting (host_sync, reuse, kernels, ...);
         the arguments above, where given, replace its fields. Kept as ``model.offload_options``.
     events: a moe_colab.engine.events.EventLog to record what the cache does (timelines).
@@ -71,25 +76,46 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device=4, p
     device = _check_device(device)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    if experts_on_device == "auto":
-        from .planner import resolve_experts_on_device
-        experts_on_device, swap = resolve_experts_on_device(directory, quant, device, dtype, swap=swap,
-                                                            max_context=max_context)
-    base = options if options is not None else OffloadOptions.defaults()
-    options = base.replace(**{k: v for k, v in dict(
-        experts_on_device=experts_on_device, prefetch=prefetch, guess_from=guess_from,
-        swap=None if swap is None else bool(swap), cuda_graphs=cuda_graphs).items() if v is not None})
+    request = dict(experts_on_device=experts_on_device, prefetch=prefetch, guess_from=guess_from, swap=swap,
+                   cuda_graphs=cuda_graphs, extra_host_rows=extra_host_rows, max_context=max_context,
+                   options=options)
     strategies = Strategies(events=events)
     load = _load_quantized_dir if _is_quantized_dir(directory) else _load_checkpoint
-    return load(directory, options, strategies, device=device, quant=quant, dtype=dtype, progress=progress)
+    return load(directory, request, strategies, device=device, quant=quant, dtype=dtype, progress=progress)
 
 
-def _load_checkpoint(directory: Path, options: OffloadOptions, strategies, *, device, quant, dtype, progress):
+def _planned_options(directory, request: dict, *, quant, device, dtype, num_experts: int) -> OffloadOptions:
+    """The load's OffloadOptions, checked against the memory plan before anything is allocated:
+    "auto" picks the most slots (and swap mode) that fit; a fixed count is refused with the plan's
+    numbers and what would fit (PlanError)."""
+    from .planner import resolve_experts_on_device
+    k, swap = request["experts_on_device"], request["swap"]
+    fixed = k != "auto"
+    k, swap, planned_rows = resolve_experts_on_device(directory, quant, device, dtype, experts_on_device=k,
+                                                      max_context=request["max_context"],
+                                                      swap=bool(swap) if fixed else swap)
+    extra = request["extra_host_rows"]
+    if extra is None and not fixed:
+        extra = planned_rows                  # what the host budget leaves, as spare swap rows
+    base = request["options"] if request["options"] is not None else OffloadOptions.defaults()
+    changes = dict(experts_on_device=k, prefetch=request["prefetch"], guess_from=request["guess_from"], swap=swap,
+                   cuda_graphs=request["cuda_graphs"], extra_host_rows=extra if swap else None)
+    return base.replace(**{n: v for n, v in changes.items() if v is not None}).validate(num_experts)
+
+
+def _check_request(request: dict, num_experts: int) -> None:
+    """Bad arguments are plain errors, raised before any file is read or anything is planned."""
+    k = request["experts_on_device"]
+    OffloadOptions(experts_on_device=1 if k == "auto" else k, prefetch=request["prefetch"],
+                   guess_from=request["guess_from"]).validate(num_experts)
+
+
+def _load_checkpoint(directory: Path, request: dict, strategies, *, device, quant, dtype, progress):
     """An original checkpoint (per-expert w1/w2/w3), quantized while it loads if ``quant`` asks."""
     cfg_dict = read_config_dict(directory)
     adapter = adapter_for(cfg_dict.get("model_type"))
     config = adapter.config_class().from_pretrained(directory)
-    options.validate(adapter.num_experts(config))
+    _check_request(request, adapter.num_experts(config))
     qcfg = None
     if quant is not None:
         from .quant.config import resolve_quant
@@ -99,6 +125,8 @@ def _load_checkpoint(directory: Path, options: OffloadOptions, strategies, *, de
         if qcfg.is_noop:
             qcfg = None
     shards = shard_map(directory)       # validates every shard before anything large exists
+    options = _planned_options(directory, request, quant=quant, device=device, dtype=dtype,
+                               num_experts=adapter.num_experts(config))
     from .quant.format import expert_format
     fmt = expert_format(config, qcfg, dtype, adapter.activation(config))
     store = new_store(adapter, config, fmt, options, device)
@@ -128,15 +156,16 @@ def _load_checkpoint(directory: Path, options: OffloadOptions, strategies, *, de
                         strategies=strategies, directory=directory)
 
 
-def _load_quantized_dir(directory: Path, options: OffloadOptions, strategies, *, device, quant, dtype,
-                        progress):
+def _load_quantized_dir(directory: Path, request: dict, strategies, *, device, quant, dtype, progress):
     """A directory written by moe_colab.quantize: packed expert buffers go straight to storage."""
     from .convert import manifest as qm
 
     manifest, qcfg = qm.open_quantized(directory, quant)     # raises on a different scheme
     config = qm.model_config(manifest)
     adapter = adapter_for(config)
-    options.validate(adapter.num_experts(config))
+    _check_request(request, adapter.num_experts(config))
+    options = _planned_options(directory, request, quant=quant, device=device, dtype=dtype,
+                               num_experts=adapter.num_experts(config))
     fmt = qm.expert_format_for(manifest, dtype, adapter.activation(config))
     store = new_store(adapter, config, fmt, options, device)
 

@@ -15,7 +15,9 @@ A model needs, on the compute device (batch 1, the model dtype):
 and in host memory (pinned on CUDA):
 
     copy mode   every expert: layers x E x expert_bytes
-    swap mode   an expert lives on the device OR the host: layers x (E - k + 1) x expert_bytes
+    swap mode   about (E - k)/E of the experts: layers x (E - k + 1) x expert_bytes, plus
+                spare host rows from what the budget leaves (fewer write-backs), and on the
+                device SPARE_SLOTS slots shared by all layers (loads never wait for a write-back)
     reserve     the process: 1 GiB when the host budget is given (torch, CUDA's host side,
                 tokenizer), 256 MiB when it is measured (``available`` already excludes the
                 running process); plus the loading peak (today's loader holds the whole trunk
@@ -53,6 +55,7 @@ DEVICE_MARGIN_FRACTION = 0.05
 HOST_PROCESS_RESERVE = 1 * GiB       # a given host budget: the process itself (torch, CUDA, tokenizer)
 HOST_GROWTH_RESERVE = 256 * MiB      # a measured budget already excludes the running process
 COLAB_T4 = dict(device_bytes=15 * GiB, host_bytes=int(12.7e9))   # the free tier, as advertised
+SPARE_SLOTS = 2                      # swap mode's shared device slots (OffloadOptions.spare_slots)
 
 
 class PlanError(ValueError):
@@ -72,6 +75,8 @@ class Plan:
     expert_bytes: int           # one packed expert, as stored and copied
     experts_on_device: int
     swap: bool
+    spare_slots: int            # swap mode: device slots shared by all layers
+    extra_host_rows: int        # swap mode: host rows beyond layers x (E - k + 1), from the spare budget
     trunk_bytes: int            # device
     cache_bytes: int            # device: layers x experts_on_device x expert_bytes
     kv_bytes: int               # device: KV cache for max_context tokens, batch 1
@@ -113,7 +118,14 @@ class Plan:
     def load_kwargs(self) -> dict:
         """Keyword arguments for moe_colab.load_model that realise this plan."""
         return {"experts_on_device": self.experts_on_device, "swap": self.swap,
-                "quant": None if self.scheme == "16-bit" else self.scheme}
+                "extra_host_rows": self.extra_host_rows, "quant": None if self.scheme == "16-bit" else self.scheme}
+
+    def options(self, **changes):
+        """The OffloadOptions that realise this plan (``changes`` for the rest, e.g. prefetch)."""
+        from .config import OffloadOptions
+        return OffloadOptions.defaults(**{"experts_on_device": self.experts_on_device, "swap": self.swap,
+                                          "spare_slots": self.spare_slots,
+                                          "extra_host_rows": self.extra_host_rows, **changes})
 
     def to_dict(self) -> dict:
         return {**asdict(self), "device_total": self.device_total, "host_total": self.host_total,
@@ -123,22 +135,25 @@ class Plan:
     def rows(self) -> list[tuple[str, str, str]]:
         k, L = self.experts_on_device, self.num_layers
         host_rows = self.num_experts - k + 1 if self.swap else self.num_experts
+        spare = f" + {self.spare_slots} spare" if self.spare_slots else ""
+        extra = f" + {self.extra_host_rows} spare rows" if self.extra_host_rows else ""
         pool = "host (shared)" if self.shared_pool else "device"
         return [
             (f"{pool}: trunk", _gib(self.trunk_bytes), f"{self.scheme}, {self.dtype}"),
-            (f"{pool}: expert cache", _gib(self.cache_bytes), f"{L} layers x {k} slots x {_gib(self.expert_bytes)}"),
+            (f"{pool}: expert cache", _gib(self.cache_bytes), f"{L} layers x {k} slots{spare} x {_gib(self.expert_bytes)}"),
             (f"{pool}: KV cache", _gib(self.kv_bytes), f"{self.max_context} tokens, batch 1"),
             (f"{pool}: workspace", _gib(self.workspace_bytes), "activations of one prefill, temporaries"),
             (f"{pool}: margin", _gib(self.device_margin_bytes), "max(256 MiB, 5% of the budget)"),
             ("host: experts" + (" (pinned)" if not self.shared_pool else ""), _gib(self.host_expert_bytes),
-             f"{L} layers x {host_rows} x {_gib(self.expert_bytes)} ({'swap' if self.swap else 'copy'} mode)"
-             + (f", {_gib(self.host_expert_bytes - L * host_rows * self.expert_bytes)} of it torch's "
-                f"power-of-two rounding" if self.host_expert_bytes > L * host_rows * self.expert_bytes else "")),
+             f"{L} layers x {host_rows}{extra} x {_gib(self.expert_bytes)} ({'swap' if self.swap else 'copy'} mode)"
+             + (f", {_gib(self.host_expert_bytes - (L * host_rows + self.extra_host_rows) * self.expert_bytes)} of it "
+                f"torch's power-of-two rounding"
+                if self.host_expert_bytes > (L * host_rows + self.extra_host_rows) * self.expert_bytes else "")),
             ("host: reserve", _gib(self.host_reserve_bytes), "process + loading peak"),
         ]
 
     def verdict(self) -> str:
-        mode = "swap mode (an expert on the device OR the host)" if self.swap else "copy mode"
+        mode = "swap mode (experts on the device need no host copy)" if self.swap else "copy mode"
         return (f"{self.model} at {self.scheme}: {self.experts_on_device} of {self.num_experts} experts per "
                 f"layer on {self.device}, {mode}")
 
@@ -207,8 +222,8 @@ def _describe_model(model_or_config, quant):
     from .convert.manifest import MANIFEST
     if (path / MANIFEST).is_file():                              # our quantized directory
         from .quant.config import QuantConfig
-        from .convert.manifest import model_config
-        manifest = json.loads((path / MANIFEST).read_text())
+        from .convert.manifest import model_config, read_manifest
+        manifest = read_manifest(path)
         qcfg = QuantConfig.from_dict(manifest["scheme"])
         wanted = resolve_quant(quant)
         if wanted is not None and wanted != qcfg:
@@ -255,7 +270,8 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
         (original or our quantized one), a Hub id (config.json only) or a loaded model.
     quant: None (16-bit), a preset ("paper-2bit", "paper-3bit") or a QuantConfig.
     device_bytes / host_bytes: budgets in bytes; None measures this machine (free CUDA memory,
-        available host memory). device: "cuda" or "cpu" (default: cuda if available).
+        available host memory). device: "cuda" or "cpu" (default: cuda when device_bytes is
+        given or CUDA is available, so a laptop plans for a Colab T4).
     experts_on_device / swap: fix them instead of choosing (the plan still checks they fit).
     min_experts_on_device: the smallest k accepted (default top_k; see the module docstring).
     pinned_rounding: count torch's power-of-two rounding of pinned tensors. The engine pins exact
@@ -265,8 +281,9 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
     """
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
         raise ValueError(f"max_context must be a positive int, got {max_context!r}")
+    # A device budget means an accelerator, on any machine (plan a T4 from a laptop).
     device_type = torch.device(device).type if device is not None else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+        "cuda" if device_bytes is not None or torch.cuda.is_available() else "cpu")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"unsupported device {device!r}; use 'cuda' or 'cpu'")
     model = _describe_model(model_or_config, quant)
@@ -298,7 +315,8 @@ def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=
     base = Plan(
         model=name, scheme=qcfg.name if qcfg is not None else "16-bit", device=device_type,
         dtype=str(dtype).removeprefix("torch."), num_layers=L, num_experts=E, top_k=top_k,
-        max_context=max_context, expert_bytes=eb, experts_on_device=0, swap=False, trunk_bytes=trunk,
+        max_context=max_context, expert_bytes=eb, experts_on_device=0, swap=False, spare_slots=0,
+        extra_host_rows=0, trunk_bytes=trunk,
         cache_bytes=0, kv_bytes=kv_cache_bytes(config, dtype, max_context),
         workspace_bytes=workspace_bytes(config, qcfg, dtype, max_context, device_type),
         device_margin_bytes=max(DEVICE_MARGIN_MIN, int(DEVICE_MARGIN_FRACTION * dev_budget)),
@@ -323,8 +341,13 @@ def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=
         for k in ks:
             rows = E - k + 1 if sw else E
             host = L * (pinned_allocation_bytes(rows * eb) if pinned else rows * eb)
-            p = replace(base, experts_on_device=k, swap=sw, cache_bytes=L * k * eb, host_expert_bytes=host)
+            spare = SPARE_SLOTS if sw else 0
+            p = replace(base, experts_on_device=k, swap=sw, spare_slots=spare, cache_bytes=(L * k + spare) * eb,
+                        host_expert_bytes=host)
             if p.fits:
+                if sw and not pinned:   # what the host budget leaves goes to spare rows (not rounded)
+                    extra = min(L * (k - 1), max(0, p.host_free) // eb)
+                    p = replace(p, extra_host_rows=extra, host_expert_bytes=host + extra * eb)
                 return p, None
             tried.append(p)
     # The closest miss, in the last mode tried: the most slots the device holds (the host then
@@ -364,10 +387,16 @@ def _refusal(p: Plan, model, args, choice) -> str:
                 if alt:
                     suggestions.append(f"quant={preset!r}: {_short(alt)}")
     if choice["experts_on_device"] is not None:
-        alt = _try(model, args, {**choice, "experts_on_device": None, "min_experts_on_device": 1})
+        if choice["swap"] is False:
+            alt = _try(model, args, {**choice, "swap": True})
+            if alt:
+                suggestions.append(f"swap=True: {_short(alt)} (host memory for about {alt.num_experts - k} of "
+                                   f"{alt.num_experts} experts per layer)")
+        alt = _try(model, args, {**choice, "experts_on_device": None, "min_experts_on_device": 1, "swap": None})
         if alt:
             suggestions.append(f"experts_on_device={alt.experts_on_device} instead of {k}"
-                               + (" (swap mode)" if alt.swap else ""))
+                               + (" (swap mode)" if alt.swap else "") + " -- or experts_on_device='auto', "
+                               "which picks it")
     elif k > 1:
         alt = _try(model, args, {**choice, "min_experts_on_device": 1})
         if alt:
@@ -399,8 +428,9 @@ def _short(p: Plan) -> str:
 
 def resolve_experts_on_device(config, quant, device, dtype, *, experts_on_device="auto", max_context: int = 4096,
                               device_bytes=None, host_bytes=None, min_experts_on_device=None,
-                              swap=None) -> tuple[int, bool]:
-    """(experts_on_device, swap) for load_model; raises PlanError before anything is allocated.
+                              swap=None) -> tuple[int, bool, int]:
+    """(experts_on_device, swap, extra_host_rows) for load_model; raises PlanError before anything
+    is allocated.
 
     experts_on_device: "auto" plans it; an int is checked against the budgets (swap chosen if
     needed). Budgets: the arguments, else $MOE_COLAB_DEVICE_BYTES / $MOE_COLAB_HOST_BYTES
@@ -413,4 +443,4 @@ def resolve_experts_on_device(config, quant, device, dtype, *, experts_on_device
     p = plan(config, quant, device_bytes, host_bytes, max_context, device=device, dtype=dtype,
              experts_on_device=None if experts_on_device == "auto" else experts_on_device,
              min_experts_on_device=min_experts_on_device, swap=swap)
-    return p.experts_on_device, p.swap
+    return p.experts_on_device, p.swap, p.extra_host_rows

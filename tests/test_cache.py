@@ -159,12 +159,12 @@ def test_interrupt_mid_layer_leaves_a_consistent_cache():
     consistent(cache)
 
 
-def make_swap_cache(slots, layers=2):
+def make_swap_cache(slots, layers=2, extra_rows=0, spare_slots=0):
     """A swap-mode cache and, for checking, a copy-mode store with the same experts."""
     fmt = DenseExpertFormat(H, I, torch.float32)
     truth = ExpertStore(layers, E, fmt, pin=False)
-    store = ExpertStore(layers, E, fmt, pin=False, device_first=slots)
-    cache = ExpertCache(store, slots, torch.device("cpu"))
+    store = ExpertStore(layers, E, fmt, pin=False, device_first=slots, extra_rows=extra_rows)
+    cache = ExpertCache(store, slots, torch.device("cpu"), spare_slots=spare_slots)
     g = torch.Generator().manual_seed(1)
     for l in range(layers):
         for e in range(E):
@@ -176,13 +176,18 @@ def make_swap_cache(slots, layers=2):
 
 
 def swap_consistent(cache, truth):
-    """Every expert lives in exactly one place, and that place holds its bytes."""
+    """Every expert has a copy (a host row, a slot, or both), every copy holds its bytes, rows and
+    owners agree, and each layer keeps exactly experts_on_device slots."""
     for l, lc in enumerate(cache.layers):
+        assert len(lc.slots) == cache.experts_on_device
         for e in range(E):
-            on_device = e in lc.lru
-            assert (cache.store.home[l][e] is None) == on_device, (l, e)
-            data = lc.lru[e].buffer if on_device else cache.store.buffer(l, e)
-            assert torch.equal(data, truth.buffer(l, e)), (l, e)
+            on_device, row = e in lc.lru, cache.store.home[l][e]
+            assert on_device or row is not None, f"layer {l}: expert {e} has no copy"
+            if on_device:
+                assert torch.equal(lc.lru[e].buffer, truth.buffer(l, e)), (l, e)
+            if row is not None:
+                assert cache.store.owner[l][row] == e
+                assert torch.equal(cache.store.buffer(l, e), truth.buffer(l, e)), (l, e)
 
 
 @pytest.mark.parametrize("slots", [1, 2, 4])
@@ -206,3 +211,47 @@ def test_swap_mode_keeps_one_copy_of_each_expert(slots):
     with pytest.raises(KeyboardInterrupt):
         run_layer(cache, 0, [0, 1, 2, 3, 4, 5], lambda e, v: (_ for _ in ()).throw(KeyboardInterrupt))
     swap_consistent(cache, truth)
+
+
+def test_swap_mode_skips_write_backs_of_experts_that_kept_their_host_row():
+    """An expert loaded from its host row keeps that row as a valid copy until the row is needed:
+    evicting it then costs no write-back. Extra host rows keep more such copies; spare slots let
+    a load start before the write-back that made room (swap mode's two streams on a GPU)."""
+    g = torch.Generator().manual_seed(3)
+    requests = [sorted(set(torch.randint(0, E, (2,), generator=g).tolist())) for _ in range(60)]
+    written_back = {}
+    for extra, spare in ((0, 0), (0, 2), (3, 0), (3, 2)):
+        cache, truth = make_swap_cache(2, layers=2, extra_rows=extra, spare_slots=spare)
+        assert [b.shape[0] for b in cache.store.buffers] == [min(E, E - 2 + 1 + extra // 2 + (l < extra % 2))
+                                                            for l in range(2)]
+        for step, needed in enumerate(requests):
+            seen = []
+            run_layer(cache, step % 2, needed, lambda e, v: seen.append(
+                torch.equal(v["w2"], truth.views(step % 2, e)["w2"])))
+            assert all(seen) and len(seen) == len(needed)
+            swap_consistent(cache, truth)
+        s = cache.stats()
+        written_back[(extra, spare)] = s["bytes_to_host"] // cache.store.nbytes
+        assert written_back[(extra, spare)] < s["misses"]        # some evictions cost nothing
+    assert written_back[(3, 0)] < written_back[(0, 0)]           # more rows: fewer write-backs
+    assert written_back[(0, 2)] == written_back[(0, 0)]          # spare slots change when, not what
+
+
+def test_prefetch_queue_drops_unlikely_guesses():
+    """With the next router's probabilities, a guess below min_prob, or no more likely than the
+    expert it would evict, is not copied; unscored guesses are all copied (as before)."""
+    fmt = DenseExpertFormat(H, I, torch.float32)
+    store = ExpertStore(1, E, fmt, pin=False)
+    for e in range(E):
+        for name, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+            store.write(0, e, name, torch.randn(shape))
+    cache = ExpertCache(store, 2, torch.device("cpu"), min_prob=0.05)
+    run_layer(cache, 0, [0, 1], lambda e, v: None)              # 0 and 1 resident
+    p = [0.30, 0.30, 0.02, 0.30, 0.04, 0.04]
+    cache.prefetch(0, [3, 2], p)                                  # 3 evicts 0 (0.30 vs 0.30: no)
+    assert sorted(cache.resident(0)) == [0, 1] and cache.stats()["prefetches"] == 0
+    p = [0.10, 0.30, 0.02, 0.50, 0.04, 0.04]
+    cache.prefetch(0, [3, 2], p)                                  # 3 (0.50) evicts 0 (0.10); 2 < min_prob
+    assert sorted(cache.resident(0)) == [1, 3] and cache.stats()["prefetches"] == 1
+    cache.prefetch(0, [4, 5])                                     # no scores: copied as guessed
+    assert sorted(cache.resident(0)) == [4, 5] and cache.stats()["prefetches"] == 3

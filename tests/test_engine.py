@@ -164,3 +164,17 @@ def test_streamer_receives_tokens(small_checkpoint):
     assert streamer.ended
     streamed = torch.cat([c.reshape(-1) for c in streamer.chunks])
     assert torch.equal(streamed, out.reshape(-1))
+
+
+def test_logits_bitwise_equal_across_paths_on_cpu(checkpoints):
+    """Stricter than the tolerance above: the same bits whatever was cached, prefetched, copied
+    or swapped (the partial outputs are added in a fixed order)."""
+    path = checkpoints["L2-E6-k3-gqa4-sharded"]
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for k, prefetch, swap in [(6, 0, False), (1, 0, False), (2, 3, False), (3, 1, True), (4, 2, True)]:
+        model = moe_colab.load_model(path, device="cpu", dtype=torch.float32, experts_on_device=k,
+                                     prefetch=prefetch, swap=swap, progress=False)
+        outs.append(greedy(model, ids, torch.ones_like(ids)))
+    for seq, logits in outs[1:]:
+        assert torch.equal(seq, outs[0][0]) and torch.equal(logits, outs[0][1])

@@ -45,8 +45,9 @@ def greedy(model, ids=IDS, n=24):
 
 
 def assert_cache_consistent(model, fresh):
-    """Every slot holds what it claims: LRU and slots agree, in swap mode every expert has exactly
-    one home, and each resident expert's bytes equal the fresh model's copy of that expert."""
+    """Every slot holds what it claims: LRU and slots agree, in swap mode every expert has a copy
+    (a host row, a slot, or both), rows and owners agree, and every copy's bytes equal the fresh
+    model's copy of that expert."""
     cache, ref = model.moe_cache, fresh.moe_cache
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -60,8 +61,9 @@ def assert_cache_consistent(model, fresh):
         if store.swap:
             homes = store.home[l]
             for e in range(store.num_experts):
-                assert (homes[e] is None) == (e in held), (l, e, homes[e])
+                assert homes[e] is not None or e in held, f"layer {l}: expert {e} has no copy left"
                 if homes[e] is not None:
+                    assert store.owner[l][homes[e]] == e, (l, e, homes[e])
                     assert torch.equal(store.buffer(l, e), ref.store.buffer(l, e)), f"layer {l} row of expert {e}"
             rows = [h for h in homes if h is not None]
             assert len(rows) == len(set(rows))

@@ -115,3 +115,38 @@ def test_builtin_name_wins_over_a_local_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve("tiny") == builtin_model_path("tiny")
     assert resolve("./tiny").resolve() == (tmp_path / "tiny").resolve()
+
+
+def test_every_load_is_checked_against_the_plan(checkpoints, tmp_path, monkeypatch):
+    """A fixed experts_on_device is checked against the device and host budgets (set here through
+    the documented environment variables) before anything is allocated, and refused with the
+    plan's numbers and what would fit; "auto", the default, plans for the same budgets."""
+    import psutil
+
+    from moe_colab.planner import PlanError
+    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **MODEL_PRESETS["mixtral-8x7b"]}
+    big = tmp_path / "mixtral-shaped"            # Mixtral-8x7B's config: 16-bit experts need ~87 GB
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+    save_file({"model.norm.weight": torch.ones(4096)}, str(big / "model.safetensors"))
+    monkeypatch.setenv("MOE_COLAB_HOST_BYTES", "12.7GB")
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(PlanError) as err:
+        load(big, experts_on_device=4)
+    msg = str(err.value)
+    assert "budget" in msg and "GiB" in msg and "what would fit instead" in msg
+    assert psutil.Process().memory_info().rss - before < 200 * 2**20, "something large was allocated"
+    with pytest.raises(PlanError):
+        load(big)                                # "auto": nothing fits either
+    # "auto" plans what plan() plans for the same machine.
+    small = checkpoints["L2-E4-k2-gqa2-sharded"]
+    monkeypatch.delenv("MOE_COLAB_HOST_BYTES")
+    roomy = moe_colab.plan(small, device="cpu", dtype=torch.float32, host_bytes=2**40, max_context=64)
+    auto = load(small, max_context=64)
+    assert auto.offload_options.experts_on_device == roomy.experts_on_device == 4
+
+
+def test_the_default_is_auto(checkpoints):
+    model = load(checkpoints["L1-E8-k2-mqa"], prefetch=0)
+    assert model.offload_options.experts_on_device == 8 and not model.offload_options.swap

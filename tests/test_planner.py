@@ -24,8 +24,12 @@ def test_t4_paper_2bit_finds_a_plan():
     assert p.top_k <= p.experts_on_device < p.num_experts
     # Exact layout bytes, and the sums the table shows.
     assert p.expert_bytes == QuantizedExpertFormat(4096, 14336, QuantConfig(4, 2)).layout.nbytes
-    assert p.cache_bytes == 32 * p.experts_on_device * p.expert_bytes
+    assert p.cache_bytes == (32 * p.experts_on_device + p.spare_slots) * p.expert_bytes
     assert p.device_total + p.device_margin_bytes + p.device_free == p.device_budget
+    # Swap mode's extras: shared spare slots on the device, spare host rows from what is left.
+    assert p.spare_slots == 2 and 0 <= p.extra_host_rows <= 32 * (p.experts_on_device - 1)
+    assert p.host_expert_bytes == (32 * (8 - p.experts_on_device + 1) + p.extra_host_rows) * p.expert_bytes
+    assert 0 <= p.host_free < p.expert_bytes                 # the rest of the host went to spare rows
     # Copy mode (every expert on the host) does not fit 12.7 GB: the plan needs swap mode.
     assert p.swap
     with pytest.raises(PlanError):
@@ -33,7 +37,18 @@ def test_t4_paper_2bit_finds_a_plan():
     # The largest k: one more slot per layer no longer fits the device.
     with pytest.raises(PlanError, match="device: needs"):
         plan("mixtral-8x7b", "paper-2bit", experts_on_device=p.experts_on_device + 1, **T4)
-    assert p.load_kwargs() == {"experts_on_device": p.experts_on_device, "swap": True, "quant": "paper-2bit"}
+    assert p.load_kwargs() == {"experts_on_device": p.experts_on_device, "swap": True, "quant": "paper-2bit",
+                               "extra_host_rows": p.extra_host_rows}
+
+
+def test_a_device_budget_plans_for_an_accelerator_on_any_machine():
+    """The planner's own docstring example, without device=: a laptop without CUDA plans for the
+    T4 it was given a budget for (two pools), not for its own CPU (one pool)."""
+    p = plan("mixtral-8x7b", quant="paper-2bit", device_bytes=15 * 2**30, host_bytes=12.7e9)
+    assert p.device == "cuda" and not p.shared_pool
+    assert (p.experts_on_device, p.swap) == (plan("mixtral-8x7b", "paper-2bit", **T4).experts_on_device, True)
+    assert plan("tiny", device_bytes=2 * GiB, host_bytes=2 * GiB).device == "cuda"
+    assert plan("tiny", host_bytes=2 * GiB, device="cpu").device == "cpu"
 
 
 def test_t4_16bit_is_refused_with_numbers_and_a_way_out():
@@ -82,7 +97,7 @@ def test_copy_mode_when_the_host_holds_every_expert():
 def test_swap_mode_host_bytes_follow_the_engine_formula():
     p = plan("mixtral-8x7b", "paper-2bit", **T4)
     rows = p.num_experts - p.experts_on_device + 1
-    assert p.host_expert_bytes == p.num_layers * rows * p.expert_bytes
+    assert p.host_expert_bytes == (p.num_layers * rows + p.extra_host_rows) * p.expert_bytes
 
 
 def test_pinned_rounding():
@@ -121,10 +136,10 @@ def test_resolve_reads_budgets_from_the_environment(monkeypatch):
     monkeypatch.setenv("MOE_COLAB_HOST_BYTES", "12.7GB")
     p = plan("mixtral-8x7b", "paper-2bit", **T4)
     got = resolve_experts_on_device(MIXTRAL, "paper-2bit", "cuda", torch.float16)
-    assert got == (p.experts_on_device, p.swap)
+    assert got == (p.experts_on_device, p.swap, p.extra_host_rows)
     fixed = p.experts_on_device
     assert resolve_experts_on_device(MIXTRAL, "paper-2bit", "cuda", torch.float16,
-                                     experts_on_device=fixed) == (fixed, True)
+                                     experts_on_device=fixed)[:2] == (fixed, True)
     with pytest.raises(PlanError):     # top_k slots: swap mode would keep 7 of 8 experts on the host
         resolve_experts_on_device(MIXTRAL, "paper-2bit", "cuda", torch.float16, experts_on_device=p.top_k)
     with pytest.raises(PlanError):

@@ -263,8 +263,9 @@ def decode_and_simulate(ckpt, device, dtype, cache_size, prefetch, source):
                            generate_kwargs={"pad_token_id": 0, "min_new_tokens": 24})
     engine = off.offload_stats()
     if prefetch:
-        sim = simulate_prefetch(trace, guess_experts(off, trace.token_ids, prefetch, source=source),
-                                cache_size, prefetch)
+        guesses, probs = guess_experts(off, trace.token_ids, prefetch, source=source, with_probs=True)
+        sim = simulate_prefetch(trace, guesses, cache_size, prefetch, probs=probs,
+                                min_prob=off.offload_options.prefetch_min_prob)
     else:
         sim = moe_colab.simulate_cache(trace, cache_size, "lru")
     return engine, sim

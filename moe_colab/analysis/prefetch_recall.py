@@ -124,19 +124,25 @@ def prefetch_recall(model, input_ids, ahead=(1, 2), max_prefetch: int | None = N
             "prefetch": list(range(1, P + 1)), "source": source, "tokens": tokens}
 
 
-def guess_experts(model, input_ids, count: int, source: str = "before", ahead: int = 1) -> torch.Tensor:
+def guess_experts(model, input_ids, count: int, source: str = "before", ahead: int = 1,
+                  with_probs: bool = False):
     """LongTensor [L, T, count]: the experts guessed for layer l at each token, best first, made
     at layer l - ahead; -1 for the first ``ahead`` layers (nothing earlier to guess from).
     Tokens of a list of chunks are concatenated, matching RoutingTrace.cat. Feed to
-    ``moe_colab.analysis.simulate.simulate_prefetch``."""
+    ``moe_colab.analysis.simulate.simulate_prefetch``. ``with_probs``: also the probabilities
+    behind the guesses, float [L, T, E] (0 where there is no guess)."""
     (ahead,), L, E, count = _check_args(model, ahead, source, count)
-    out = []
+    out, out_p = [], []
     for ids in _chunks(input_ids):
         _, states = layer_states(model, ids)
         T = states[source][0].shape[0]
         g = torch.full((L, T, count), -1, dtype=torch.long)
+        pr = torch.zeros(L, T, E)
         for l in range(ahead, L):
             probs = guess_probs(model, states[source][l - ahead], l).cpu()        # [T, E]
             g[l] = probs.topk(count, dim=-1).indices
+            pr[l] = probs
         out.append(g)
-    return torch.cat(out, dim=1)
+        out_p.append(pr)
+    guesses = torch.cat(out, dim=1)
+    return (guesses, torch.cat(out_p, dim=1)) if with_probs else guesses

@@ -167,11 +167,15 @@ def _check_guesses(trace: RoutingTrace, guesses, prefetch: int) -> torch.Tensor:
     return guesses
 
 
-def _replay_prefetch(trace: RoutingTrace, guesses: torch.Tensor, cache_size: int, count: int):
+def _replay_prefetch(trace: RoutingTrace, guesses: torch.Tensor, cache_size: int, count: int,
+                     probs: torch.Tensor | None = None, min_prob: float = 0.0):
     """LRU + prefetch replay: (hit mask bool [L, T, k] in trace order, per-layer hits, misses,
     and totals of prefetches, prefetch_hits, prefetch_wasted)."""
     mask = torch.zeros(trace.experts.shape, dtype=torch.bool)
     per_hits, per_misses, stats = [], [], {"prefetches": 0, "prefetch_hits": 0, "prefetch_wasted": 0}
+    if probs is not None:       # as the engine sees them: rounded to 1/SCORE_SCALE on the device
+        from ..engine.prefetch import SCORE_SCALE
+        probs = (torch.as_tensor(probs).float() * SCORE_SCALE).round().long().tolist()
     for l, (requests, layer_guesses) in enumerate(zip(_layer_requests(trace), guesses[:, :, :count].tolist())):
         cache = _LayerCache(cache_size, "lru", requests)
         unused_prefetch: set[int] = set()
@@ -179,6 +183,8 @@ def _replay_prefetch(trace: RoutingTrace, guesses: torch.Tensor, cache_size: int
         for t, (needed, guess) in enumerate(zip(requests, layer_guesses)):
             round_ = [g for g in dict.fromkeys(guess) if g >= 0]
             for g in round_:
+                if g not in cache.resident and probs is not None and _unlikely(cache, g, round_, probs[l][t], min_prob):
+                    continue
                 if g not in cache.resident:
                     evicted = cache.load(g, round_)
                     cache.clock += 1
@@ -203,7 +209,20 @@ def _replay_prefetch(trace: RoutingTrace, guesses: torch.Tensor, cache_size: int
     return mask, per_hits, per_misses, stats
 
 
-def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: int) -> dict:
+def _unlikely(cache: _LayerCache, g: int, round_: list[int], p: list[int], min_prob: float) -> bool:
+    """The engine's rule (ExpertCache._pump): skip a guess below min_prob, or one no more likely
+    than the expert it would evict (p: probabilities in 1/SCORE_SCALE)."""
+    from ..engine.prefetch import SCORE_SCALE
+    if p[g] < min_prob * SCORE_SCALE:
+        return True
+    if len(cache.resident) < cache.size:
+        return False
+    victim = cache.victim(cache.resident - set(round_))
+    return p[g] <= p[victim]
+
+
+def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: int, *, probs=None,
+                      min_prob: float = 0.0) -> dict:
     """LRU caches with speculative loading of ``prefetch`` guessed experts per layer and token.
 
     guesses: LongTensor [layers, tokens, >= prefetch], the guessed experts of layer l at token t
@@ -213,11 +232,15 @@ def simulate_prefetch(trace: RoutingTrace, guesses, cache_size: int, prefetch: i
     same round; loaded guesses count as most recent (as ExpertCache.prefetch does). Returns
     simulate_cache's dict plus "prefetches" (speculative loads), "prefetch_hits" (uses served
     by a prefetch) and "prefetch_wasted" (prefetched experts evicted before any use).
+
+    probs: float [layers, tokens, experts], the next router's probabilities behind the guesses
+    (``guess_experts(..., with_probs=True)``): then, as the engine does, a guess below ``min_prob``
+    or no more likely than the expert it would evict is not loaded.
     """
     _check(trace, cache_size, "lru")
     guesses = _check_guesses(trace, guesses, prefetch)
     count = min(prefetch, cache_size)          # more guesses than slots would evict each other
-    _, per_hits, per_misses, stats = _replay_prefetch(trace, guesses, cache_size, count)
+    _, per_hits, per_misses, stats = _replay_prefetch(trace, guesses, cache_size, count, probs, min_prob)
     return _summary(per_hits, per_misses, policy="lru+prefetch", cache_size=cache_size,
                     prefetch=count, **stats)
 

@@ -150,7 +150,7 @@ class ReplayRouting:
         return self._weights[layer, start:start + T].to(x.dtype), self._experts[layer, start:start + T]
 
     def guess(self, next_layer: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """A GuessFn (engine/prefetch.py): the recorded guess for the token just routed."""
+        """The recorded guess for the token just routed (LongTensor [count])."""
         start, T = self.span[next_layer - 1]
         if T == 1:
             return self._guesses[next_layer, start]
@@ -163,7 +163,7 @@ class ReplayRouting:
     def strategies(self):
         """What build_engine (and build_naive) take to route and guess through this trace."""
         from ..engine.build import Strategies
-        return Strategies(route=self.route, guess=self.guess)
+        return Strategies(route=self.route, guess=lambda layer, hidden: (self.guess(layer), None))
 
     def summary(self, prefix: int) -> dict:
         """Measured statistics of the replayed trace: overlap per layer, and guess recall on the

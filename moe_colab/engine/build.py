@@ -79,7 +79,8 @@ def new_store(adapter, config, fmt, options: OffloadOptions, device) -> ExpertSt
     """Host memory for every expert (pinned on CUDA); in swap mode the first k start on the device."""
     return ExpertStore(adapter.num_layers(config), adapter.num_experts(config), fmt,
                        pin=torch.device(device).type == "cuda",
-                       device_first=options.experts_on_device if options.swap else 0)
+                       device_first=options.experts_on_device if options.swap else 0,
+                       extra_rows=options.extra_host_rows if options.swap else 0)
 
 
 def build_trunk(adapter, config, dtype):
@@ -103,7 +104,8 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
     compute = ModelCompute(options.kernels, options.cuda_graphs)
     store.format.compute = compute
     cache = ExpertCache(store, options.experts_on_device, device, reuse=options.reuse,
-                        host_sync=options.host_sync, events=strategies.events)
+                        host_sync=options.host_sync, events=strategies.events,
+                        spare_slots=options.spare_slots, min_prob=options.prefetch_min_prob)
     model = build_trunk(adapter, config, dtype)
     with torch.device("meta"):
         attach_quant_linears_(model, qcfg)
@@ -129,7 +131,8 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
             layer, nxt = layers[l], layers[l + 1]
             adapter.moe_block(layer).speculator = Speculator(
                 l, options.prefetch, guess_source(options.guess_from, l), adapter.pre_moe_norm(layer),
-                adapter.pre_moe_norm(nxt), adapter.router(adapter.moe_block(nxt)), guess_fn=strategies.guess)
+                adapter.pre_moe_norm(nxt), adapter.router(adapter.moe_block(nxt)), store.num_experts,
+                guess_fn=strategies.guess)
     model.moe_cache, model.offload_options, model.offload_compute = cache, options, compute
     model.eval()
     model.requires_grad_(False)

@@ -48,8 +48,9 @@ class HostSync:
         self.mapped = False
         self._done = torch.cuda.Event() if self.cuda else None
 
-    def read(self, *tensors: torch.Tensor) -> list[int]:
-        """Small integer tensors, concatenated, as one list."""
+    def read(self, *tensors: torch.Tensor, while_waiting=None) -> list[int]:
+        """Small integer tensors, concatenated, as one list. ``while_waiting()`` is called while
+        the host waits for the device (the cache issues speculative copies then)."""
         if not self.cuda:
             return [v for t in tensors for v in t.reshape(-1).tolist()]
         n = sum(t.numel() for t in tensors)
@@ -64,6 +65,9 @@ class HostSync:
         if not self.mapped:
             self._host[:n].copy_(stage[:n], non_blocking=True)
         self._done.record(torch.cuda.current_stream(self.device))
+        if while_waiting is not None:
+            while not self._done.query():
+                while_waiting()
         self._done.synchronize()
         return self._host[:n].tolist()
 

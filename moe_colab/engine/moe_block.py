@@ -67,16 +67,22 @@ class OffloadedMoE(nn.Module):
         else:
             out = self._tokens(x, top_w, top_i, early)
         if spec is not None and not spec.early:
-            self.cache.prefetch(self.layer_idx + 1, self.cache.sync(spec.guess_after(out), layer=self.layer_idx))
+            self.cache.prefetch(self.layer_idx + 1, *spec.split(self.cache.sync(spec.guess_after(out),
+                                                                                layer=self.layer_idx)))
         return out.reshape(shape)
+
+    def _guess(self, host: list[int]) -> tuple[list[int] | None, list[float] | None]:
+        """The early guess's part of a sync: (guesses, probabilities), or (None, None)."""
+        return self.speculator.split(host) if host else (None, None)
 
     def _one_token(self, x, top_w, top_i, early) -> torch.Tensor:
         """Decoding one sequence: every chosen expert reads all of x [1, H], so no sort and no
         gather, and the host learns the k experts themselves (and the guess) in one sync."""
         host = self.cache.sync(top_i, *_maybe(early), layer=self.layer_idx)
-        chosen, guess = host[:self.top_k], host[self.top_k:]          # router order; guess [p]
+        chosen = host[:self.top_k]                                      # router order
+        guess, prob = self._guess(host[self.top_k:])
         partial: dict[int, torch.Tensor] = {}
-        with closing(self.cache.experts(self.layer_idx, sorted(set(chosen)), prefetch=guess)) as ready:
+        with closing(self.cache.experts(self.layer_idx, sorted(set(chosen)), guess, prob)) as ready:
             for expert, views in ready:
                 j = chosen.index(expert)
                 partial[expert] = self.format.forward(views, x) * top_w[:, j:j + 1]      # [1, H]
@@ -92,7 +98,8 @@ class OffloadedMoE(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))                             # [E]
         host = self.cache.sync(counts, *_maybe(early), layer=self.layer_idx)
-        counts_host, guess = host[:self.num_experts], host[self.num_experts:]
+        counts_host = host[:self.num_experts]
+        guess, prob = self._guess(host[self.num_experts:])
         needed = [e for e, c in enumerate(counts_host) if c]
         order = torch.argsort(flat, stable=True)                        # [T*k] grouped by expert
         offsets = [0]
@@ -100,7 +107,7 @@ class OffloadedMoE(nn.Module):
             offsets.append(offsets[-1] + c)
         weights_flat = top_w.reshape(-1)
         partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        with closing(self.cache.experts(self.layer_idx, needed, prefetch=guess)) as ready:
+        with closing(self.cache.experts(self.layer_idx, needed, guess, prob)) as ready:
             for expert, views in ready:
                 sel = order[offsets[expert]:offsets[expert + 1]]        # positions in [T*k]
                 tokens = sel // self.top_k                              # [n]

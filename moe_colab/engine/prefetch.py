@@ -23,10 +23,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-# (next layer, hidden state [T, H]) -> LongTensor [count]: who makes the guess. The engine's own
-# guess applies the next layer's norm and router (Speculator.router_guess); the benchmark injects
-# a replay of a recorded trace instead.
-GuessFn = Callable[[int, torch.Tensor], torch.Tensor]
+# (next layer, hidden state [T, H]) -> (expert ids [count], probabilities [E] or None): who makes
+# the guess. The engine's own guess applies the next layer's norm and router
+# (Speculator.router_guess); the benchmark injects a replay of a recorded trace instead.
+GuessFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+SCORE_SCALE = 10_000       # probabilities travel to the host as ints in 1/10,000
 
 
 def guess_source(guess_from: str, layer: int) -> str:
@@ -44,8 +45,8 @@ class Speculator:
     """Guesses ``count`` experts of layer ``layer + 1`` from layer ``layer``'s hidden state."""
 
     def __init__(self, layer: int, count: int, source: str, own_norm: nn.Module, next_norm: nn.Module,
-                 next_router: nn.Module, guess_fn: GuessFn | None = None):
-        self.layer, self.count, self.source = layer, count, source
+                 next_router: nn.Module, num_experts: int, guess_fn: GuessFn | None = None):
+        self.layer, self.count, self.source, self.num_experts = layer, count, source, num_experts
         self.early = source == "before"          # the guess is ready before this layer's experts run
         self.next_norm, self.next_router = next_norm, next_router
         self.guess_fn: GuessFn = guess_fn if guess_fn is not None else self.router_guess
@@ -60,21 +61,31 @@ class Speculator:
     def remove(self) -> None:
         self._hook.remove()
 
-    def router_guess(self, next_layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def router_guess(self, next_layer: int, hidden: torch.Tensor):
         h = self.next_norm(hidden).reshape(-1, hidden.shape[-1])             # [T, H]
         logits = nn.functional.linear(h, self.next_router.weight)            # [T, E]
-        score = torch.softmax(logits.float(), dim=-1).sum(dim=0)             # [E] summed over tokens
-        return torch.topk(score, self.count).indices                         # [count]
+        prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)             # [E] averaged over tokens
+        return torch.topk(prob, self.count).indices, prob                    # [count], [E]
 
     def guess_before(self, x: torch.Tensor) -> torch.Tensor:
         """From the residual stream before this layer's experts (x, the block's input, if the
-        residual was not caught)."""
+        residual was not caught). Returns ints [count + E]: the guesses, then every expert's
+        probability in 1/SCORE_SCALE (what the host reads in the layer's one sync)."""
         residual = self.residual if self.residual is not None else x
         self.residual = None
-        return self.guess_fn(self.layer + 1, residual)
+        return self._pack(*self.guess_fn(self.layer + 1, residual))
 
     def guess_after(self, moe_out: torch.Tensor) -> torch.Tensor:
         """From the residual stream after this layer's experts: residual + the block's output."""
         residual = self.residual.reshape(moe_out.shape) if self.residual is not None else 0
         self.residual = None
-        return self.guess_fn(self.layer + 1, residual + moe_out)
+        return self._pack(*self.guess_fn(self.layer + 1, residual + moe_out))
+
+    def _pack(self, guesses: torch.Tensor, prob: torch.Tensor | None) -> torch.Tensor:
+        if prob is None:        # no probabilities (a replayed guess): the guesses are certain
+            prob = torch.zeros(self.num_experts, device=guesses.device).index_fill_(0, guesses, 1.0)
+        return torch.cat([guesses.long(), (prob * SCORE_SCALE).round().long()])
+
+    def split(self, host: list[int]) -> tuple[list[int], list[float]]:
+        """The host's view of what _pack sent: (guesses, probabilities)."""
+        return host[:self.count], [v / SCORE_SCALE for v in host[self.count:]]

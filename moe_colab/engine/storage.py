@@ -143,23 +143,33 @@ class ExpertStore:
     Two modes:
       copy (device_first=0)  rows = E: every expert always has a host copy; a device slot holds
                              a second copy, so evicting one costs nothing
-      swap (device_first=k)  rows = E - k + 1: an expert lives on the host OR on the device;
-                             experts 0..k-1 start on the device, and evicting one first copies
-                             it back into the spare row. Host memory drops by about k/E, at the
-                             price of a device-to-host copy per miss (what a 12.7 GB Colab needs)
-    ``home[layer][expert]`` is the row holding the expert, or None while only the device has it.
+      swap (device_first=k)  rows = E - k + 1 (+ ``extra_rows``, spread over the layers): host
+                             memory for about (E - k)/E of the experts, what a 12.7 GB Colab
+                             needs. Experts 0..k-1 start on the device. An expert loaded to the
+                             device keeps its row as a valid copy until that row is needed for
+                             another expert's write-back; evicting an expert that still has its
+                             row costs nothing, evicting one without copies it back first
+    ``home[layer][expert]`` is the row holding a valid copy of the expert, or None while only
+    the device has it; ``owner[layer][row]`` the expert a row holds, or None (a free row).
     """
 
     def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, pin: bool,
-                 device_first: int = 0):
+                 device_first: int = 0, extra_rows: int = 0):
         self.num_layers, self.num_experts, self.format = num_layers, num_experts, fmt
         self.nbytes = fmt.layout.nbytes
         self.swap = device_first > 0
-        rows = num_experts - device_first + 1 if self.swap else num_experts
-        self.buffers = [pinned_empty(rows, self.nbytes, pin) for _ in range(num_layers)]
+        if extra_rows < 0 or (extra_rows and not self.swap):
+            raise ValueError(f"extra_rows={extra_rows}: only swap mode takes extra host rows")
+        base = num_experts - device_first + 1 if self.swap else num_experts
+        # extra rows, one per layer round-robin, never more than copy mode's E rows per layer
+        rows = [min(num_experts, base + extra_rows // num_layers + (l < extra_rows % num_layers))
+                for l in range(num_layers)]
+        self.buffers = [pinned_empty(r, self.nbytes, pin) for r in rows]
         self.home: list[list[int | None]] = [
             [None if e < device_first else e - device_first for e in range(num_experts)]
             for _ in range(num_layers)]
+        self.owner: list[list[int | None]] = [
+            [e + device_first if e + device_first < num_experts else None for e in range(r)] for r in rows]
         self.written = [[set() for _ in range(num_experts)] for _ in range(num_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
@@ -168,13 +178,26 @@ class ExpertStore:
             raise LookupError(f"expert {expert} of layer {layer} lives on the device, not the host")
         return self.buffers[layer][row]
 
-    def free_row(self, layer: int) -> int:
-        """A host row no expert lives in (swap mode keeps one spare)."""
-        used = set(self.home[layer])
-        for row in range(self.buffers[layer].shape[0]):
-            if row not in used:
+    def row_for_writeback(self, layer: int, device_experts_mru_first) -> int:
+        """A host row to copy an evicted expert into: a free row, else the row of a device-resident
+        expert (its copy is redundant), the most recently used first: the least likely to be
+        evicted soon. That expert then lives on the device only."""
+        owners = self.owner[layer]
+        for row, owner in enumerate(owners):
+            if owner is None:
                 return row
-        raise RuntimeError(f"no free host row in layer {layer}")
+        for expert in device_experts_mru_first:
+            row = self.home[layer][expert]
+            if row is not None:
+                self.home[layer][expert] = None
+                owners[row] = None
+                return row
+        raise RuntimeError(f"no host row left in layer {layer}: every expert must keep one copy")
+
+    def place(self, layer: int, expert: int, row: int) -> None:
+        """Record that ``row`` now holds a valid copy of ``expert``."""
+        self.home[layer][expert] = row
+        self.owner[layer][row] = expert
 
     def write(self, layer: int, expert: int, name: str, weight: torch.Tensor, views=None) -> None:
         """Store one original expert matrix (w1, w2 or w3) in place (in ``views`` if given:
