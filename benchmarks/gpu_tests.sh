@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_tests.sh diag     decode-sync A/B and traces, full-size plan check, soak
 #   bash benchmarks/gpu_tests.sh graphs   CUDA-graph tests and the decode A/B with and without graphs
 #   bash benchmarks/gpu_tests.sh final    the benchmark (naive included), then the CUDA-graph tests
+#   bash benchmarks/gpu_tests.sh check    after a refactor: engine, quant, fault tests, the T4 kernels
+#                                         (benchmarks/t4_gpu.sh) and a small benchmark smoke run
 # Logs and outputs go to $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -22,6 +24,16 @@ run() {  # name, seconds, command...
   tail -n 4 "$OUT/$name.log"; echo "=== $name rc=$rc $((SECONDS - t0))s"
 }
 case "${1:-tests}" in
+check)
+  run engine 150 python3 -m pytest -q -x -m gpu tests/test_engine_gpu.py
+  run quant_faults 100 python3 -m pytest -q -m gpu tests/test_quant_gpu.py tests/test_faults.py tests/test_planner.py \
+    tests/test_routing.py tests/test_kernels.py -k "not fallback_warns and not dequant_kernel_and_dispatch"
+  run bench_smoke 70 python3 -m moe_colab bench --scale small --quick --quant paper-2bit \
+    --rows full,no_prefetch,no_cache,full_swap --results-dir "$OUT" --name smoke --max-minutes 1
+  OUT=$OUT timeout 280 bash benchmarks/t4_gpu.sh
+  tar czf /tmp/results.tar.gz -C "$OUT" . && find "$OUT" -maxdepth 1 -type f ! -name '*.gz' ! -name 't4_kernels.*' \
+    ! -name 'machine.txt' -delete && mv /tmp/results.tar.gz "$OUT/"
+  ;;
 tests)
   run engine 100 python3 -m pytest -q -m gpu tests/test_engine_gpu.py
   run kernels 100 python3 -m pytest -q -m gpu tests/test_kernels.py

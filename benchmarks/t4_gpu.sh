@@ -14,12 +14,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 t0=$SECONDS
-timeout 300 python3 benchmarks/t4_kernels.py all --out "$OUT" --max-seconds 240 > "$OUT/t4_kernels.log" 2>&1
+timeout ${T4_SECONDS:-300} python3 benchmarks/t4_kernels.py all --out "$OUT" --max-seconds ${T4_BUDGET:-240} > "$OUT/t4_kernels.log" 2>&1
 echo "=== t4_kernels rc=$? $((SECONDS - t0))s"
 grep -E "^(FAIL|[0-9]+ distinct|[0-9]+ cases run|time budget|stopping)" "$OUT/t4_kernels.log" | head -40
 tail -n 30 "$OUT/t4_kernels.log"
 t0=$SECONDS
-timeout 200 python3 -m pytest -q -m gpu tests/test_t4_kernels.py tests/test_fallback.py tests/test_compute_selftest.py \
+timeout ${T4_TEST_SECONDS:-200} python3 -m pytest -q -m gpu tests/test_t4_kernels.py tests/test_fallback.py tests/test_compute_selftest.py \
   tests/test_kernels.py::test_gpu_fallback_warns_once tests/test_kernels.py::test_gpu_dequant_kernel_and_dispatch \
   > "$OUT/t4_tests.log" 2>&1
 echo "=== gpu tests rc=$? $((SECONDS - t0))s"
