@@ -57,6 +57,11 @@ def resolve(path_or_id: str | os.PathLike, *, allow_download: bool = True) -> Pa
                 s, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
         except Exception as e:  # offline, unknown repo, gated repo: say which
             raise FileNotFoundError(f"could not find {s!r} locally or download it from the Hub: {e}") from e
+    if p.exists():
+        hint = (f"; pass the directory that holds it: {str(p.parent)!r}"
+                if p.name in ("config.json", SINGLE_FILE, INDEX_FILE) or p.suffix == ".safetensors" else "")
+        raise CheckpointError(f"model path {s!r} is a file, not a directory: a checkpoint is a directory holding "
+                              f"config.json and model.safetensors (or an index and its shards){hint}")
     raise FileNotFoundError(f"model path does not exist: {s!r} (not a directory, not a built-in model, "
                             f"not a Hub id)")
 
@@ -66,9 +71,24 @@ def read_config_dict(directory: Path) -> dict:
     if not cfg.is_file():
         raise CheckpointError(f"no config.json in {directory}")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg} holds a JSON {type(config).__name__}, not an object of settings "
+                              f"{{\"model_type\": ..., ...}}")
+    return config
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A small JSON settings file (generation_config.json, ...), or CheckpointError naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} ({what}) is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} ({what}) holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -86,7 +106,10 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"shard {path.name} has a corrupt header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"shard {path.name} has a corrupt header (not a safetensors tensor table)") from e
     if 8 + n + end > size:
         raise CheckpointError(f"shard {path.name} is truncated: its header needs {8 + n + end} bytes, "
                               f"the file has {size}")
@@ -99,8 +122,12 @@ def shard_map(directory: Path) -> dict[str, list[str]]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: "
+                                  f"{'no weight_map' if isinstance(e, (KeyError, TypeError)) else e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: its weight_map is not "
+                                  f"{{tensor name: shard file}}")
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
@@ -122,6 +149,60 @@ def shard_map(directory: Path) -> dict[str, list[str]]:
             if absent:
                 raise CheckpointError(f"shard {shard} lacks tensors its index lists, e.g. {sorted(absent)[:3]}")
     return shards
+
+
+def check_tensors(directory: Path, shards: dict[str, list[str]], adapter, config,
+                  trunk: dict[str, tuple[int, ...]] | None = None, tied: frozenset[str] = frozenset()) -> None:
+    """Every tensor's name and shape, read from the shard headers, against the config: before
+    anything large is allocated (a Mixtral-8x7B config over small tensors would otherwise
+    allocate tens of GB of expert buffers first). Raises CheckpointError naming the shard, the
+    tensor (layer and expert), what the config needs and what the file holds.
+
+    trunk: {parameter name: shape} of every non-expert tensor the model needs (transformers
+    names); tied: names the model ties to another parameter (lm_head.weight when
+    tie_word_embeddings): they may be absent from the file."""
+    layers, experts = adapter.num_layers(config), adapter.num_experts(config)
+    want = adapter.expert_shapes(config)
+    seen_experts, seen_trunk = set(), set()
+    for shard, names in shards.items():
+        header = _safetensors_header(directory / shard)
+        for name in names:
+            shape = tuple(header[name]["shape"])
+            where = f"{shard}: {name}"
+            key = adapter.parse_expert_key(name)
+            if key is not None:
+                layer, expert, w = key
+                if layer >= layers:
+                    raise CheckpointError(f"{where} belongs to layer {layer}, but config.json has {layers} layers "
+                                          f"(num_hidden_layers): the checkpoint and its config disagree")
+                if expert >= experts:
+                    raise CheckpointError(f"{where} is expert {expert} of layer {layer}, but config.json has "
+                                          f"{experts} experts per layer: the checkpoint and its config disagree")
+                if shape != tuple(want[w]):
+                    raise CheckpointError(f"{where} (layer {layer}, expert {expert}, {w}) has shape {list(shape)}, "
+                                          f"config.json needs {list(want[w])}: the checkpoint and its config disagree")
+                seen_experts.add(key)
+            elif adapter.is_fused_expert_key(name):
+                raise CheckpointError(f"{where} is a fused expert tensor; this loader reads the original "
+                                      f"per-expert {'/'.join(want)} layout")
+            elif trunk is not None:
+                param = adapter.trunk_key(name)
+                if param in tied:
+                    continue
+                if param not in trunk:
+                    raise CheckpointError(f"{where} fits no parameter of a {config.model_type} model with this "
+                                          f"config.json")
+                if shape != tuple(trunk[param]):
+                    raise CheckpointError(f"{where} has shape {list(shape)}, config.json needs "
+                                          f"{list(trunk[param])}: the checkpoint and its config disagree")
+                seen_trunk.add(param)
+    missing = [adapter.expert_key(l, e, w) for l in range(layers) for e in range(experts) for w in want
+               if (l, e, w) not in seen_experts]
+    if trunk is not None:
+        missing += [p for p in trunk if p not in seen_trunk]
+    if missing:
+        raise CheckpointError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) its config.json needs, "
+                              f"e.g. {missing[:3]}")
 
 
 def iter_tensors(directory: Path, shards: dict[str, list[str]], *, progress=None) -> Iterator[tuple[str, torch.Tensor]]:

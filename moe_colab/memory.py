@@ -12,6 +12,8 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.1-3.3.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 MiB = 2**20
@@ -91,6 +93,10 @@ def parse_bytes(text) -> int | None:
     s = str(text).strip().lower().replace(" ", "")
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = s[len(num):]
-    if unit not in _UNITS or not num:
+    try:
+        value = float(num) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:     # "inf", "nan", "-1", "GB", "12.7.1GB"
         raise ValueError(f"cannot read {text!r} as a byte count; write e.g. '15GiB', '12.7GB' or '16106127360'")
-    return int(float(num) * _UNITS[unit])
+    return int(value)

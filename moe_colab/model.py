@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .checkpoint import builtin_model_path, iter_tensors, read_config_dict, resolve, shard_map
+from .checkpoint import (CheckpointError, builtin_model_path, check_tensors, iter_tensors, read_config_dict,
+                         read_json_file, resolve, shard_map)
 from .config import OffloadOptions
 from .engine.build import Strategies, build_engine, new_store
 
@@ -34,13 +35,42 @@ def model_path(name: str = "tiny") -> Path:
 
 
 def _check_device(device) -> torch.device:
-    device = torch.device(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"               # as transformers reads an int: a GPU index
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unsupported device {device!r}; use 'cuda' or 'cpu'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available here; "
                            "pass device='cpu' (on Colab: Runtime -> Change runtime type -> T4 GPU)")
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"unsupported device {device}; use 'cuda' or 'cpu'")
+        raise ValueError(f"unsupported device {str(device)!r}; use 'cuda' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+# Compute dtypes the engine runs (fp16 on a T4; bf16 where supported; fp32/fp64 on CPU and in tests).
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    """A torch dtype (or its name, as transformers accepts) the model can compute in."""
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        name = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
+                "float": "float32", "double": "float64"}.get(name, name)
+        if name not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)} (or torch.float16, ...)")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype} cannot run a model: use torch.float16 (a T4), torch.bfloat16 or "
+                         f"torch.float32 (weights are stored in it; the matmuls compute in it)")
+    return dtype
 
 
 def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device="auto", prefetch=2,
@@ -72,13 +102,14 @@ def load_model(path: str | os.PathLike, *, device="cuda", experts_on_device="aut
         the arguments above, where given, replace its fields. Kept as ``model.offload_options``.
     events: a moe_colab.engine.events.EventLog to record what the cache does (timelines).
     """
-    directory = resolve(path)
     device = _check_device(device)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    dtype = _check_dtype(dtype)
     request = dict(experts_on_device=experts_on_device, prefetch=prefetch, guess_from=guess_from, swap=swap,
                    cuda_graphs=cuda_graphs, extra_host_rows=extra_host_rows, max_context=max_context,
                    options=options)
+    _check_flags(request)
+    directory = resolve(path)
+    _check_generation_config(directory)
     strategies = Strategies(events=events)
     load = _load_quantized_dir if _is_quantized_dir(directory) else _load_checkpoint
     return load(directory, request, strategies, device=device, quant=quant, dtype=dtype, progress=progress)
@@ -103,11 +134,64 @@ def _planned_options(directory, request: dict, *, quant, device, dtype, num_expe
     return base.replace(**{n: v for n, v in changes.items() if v is not None}).validate(num_experts)
 
 
+def _check_flags(request: dict) -> None:
+    """Settings that need no model: a wrong type is refused here, never read as truthy
+    (swap="no" would otherwise mean swap)."""
+    for name in ("swap", "cuda_graphs"):
+        if request[name] is not None and not isinstance(request[name], bool):
+            raise TypeError(f"{name} must be True, False or None, got {request[name]!r}")
+    if request["options"] is not None and not isinstance(request["options"], OffloadOptions):
+        raise TypeError(f"options must be a moe_colab.OffloadOptions, got {type(request['options']).__name__}")
+    k = request["experts_on_device"]
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, int)):
+        raise TypeError(f"experts_on_device must be an int or 'auto', got {k!r}")
+    mc = request["max_context"]
+    if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
+        raise ValueError(f"max_context must be a positive int (tokens), got {mc!r}")
+
+
 def _check_request(request: dict, num_experts: int) -> None:
     """Bad arguments are plain errors, raised before any file is read or anything is planned."""
     k = request["experts_on_device"]
     OffloadOptions(experts_on_device=1 if k == "auto" else k, prefetch=request["prefetch"],
                    guess_from=request["guess_from"]).validate(num_experts)
+
+
+def _check_generation_config(directory: Path) -> None:
+    """A broken generation_config.json is named before any weight is read (build_engine reads it
+    at the end, after minutes of loading on a real model)."""
+    f = Path(directory) / "generation_config.json"
+    if f.is_file():
+        from transformers import GenerationConfig
+        settings = read_json_file(f, "generation settings")
+        try:
+            GenerationConfig.from_dict(settings)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{f}: {e}") from e
+
+
+class _RouterOnly(torch.nn.Module):
+    """What is left of an MoE block in the trunk: its router, under the name OffloadedMoE gives it."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.gate = router
+
+
+def _expected_trunk(adapter, config) -> tuple[dict, frozenset]:
+    """({name: shape} of every trunk tensor, the names tied to another one) for this config: the
+    transformers model on the meta device (nothing allocated), each MoE block reduced to its
+    router as build_engine reduces it."""
+    with torch.device("meta"):
+        model = adapter.model_class()(config)
+    for layer in adapter.decoder_layers(model):
+        adapter.set_moe_block(layer, _RouterOnly(adapter.router(adapter.moe_block(layer))))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                shapes[f"{prefix}.{name}" if prefix else name] = tuple(buf.shape)
+    return shapes, frozenset(set(model.state_dict()) - set(shapes))
 
 
 def _load_checkpoint(directory: Path, request: dict, strategies, *, device, quant, dtype, progress):
@@ -127,6 +211,10 @@ def _load_checkpoint(directory: Path, request: dict, strategies, *, device, quan
     shards = shard_map(directory)       # validates every shard before anything large exists
     options = _planned_options(directory, request, quant=quant, device=device, dtype=dtype,
                                num_experts=adapter.num_experts(config))
+    # The plan first (a machine too small is told so), then every tensor's name and shape from
+    # the shard headers: a checkpoint that fits but disagrees with its config is named before
+    # the expert store is allocated.
+    check_tensors(directory, shards, adapter, config, *_expected_trunk(adapter, config))
     from .quant.format import expert_format
     fmt = expert_format(config, qcfg, dtype, adapter.activation(config))
     store = new_store(adapter, config, fmt, options, device)

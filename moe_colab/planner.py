@@ -39,6 +39,7 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.1-3.3 (4 of 8 experts o
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -254,8 +255,8 @@ def _measure(device_type: str, device_bytes, host_bytes) -> tuple[int, int, bool
 def _budget_value(name: str, value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of bytes or None (measure), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of bytes or None (measure), got {value!r}")
     return int(value)
 
 
@@ -426,6 +427,13 @@ def _short(p: Plan) -> str:
     return f"{p.experts_on_device} experts per layer" + (" (swap mode)" if p.swap else "")
 
 
+def _env_bytes(name: str) -> int | None:
+    try:
+        return parse_bytes(os.environ.get(name))
+    except ValueError as e:
+        raise ValueError(f"${name}: {e}") from None
+
+
 def resolve_experts_on_device(config, quant, device, dtype, *, experts_on_device="auto", max_context: int = 4096,
                               device_bytes=None, host_bytes=None, min_experts_on_device=None,
                               swap=None) -> tuple[int, bool, int]:
@@ -438,8 +446,8 @@ def resolve_experts_on_device(config, quant, device, dtype, *, experts_on_device
     """
     if experts_on_device != "auto" and (isinstance(experts_on_device, bool) or not isinstance(experts_on_device, int)):
         raise TypeError(f"experts_on_device must be an int or 'auto', got {experts_on_device!r}")
-    device_bytes = device_bytes if device_bytes is not None else parse_bytes(os.environ.get("MOE_COLAB_DEVICE_BYTES"))
-    host_bytes = host_bytes if host_bytes is not None else parse_bytes(os.environ.get("MOE_COLAB_HOST_BYTES"))
+    device_bytes = device_bytes if device_bytes is not None else _env_bytes("MOE_COLAB_DEVICE_BYTES")
+    host_bytes = host_bytes if host_bytes is not None else _env_bytes("MOE_COLAB_HOST_BYTES")
     p = plan(config, quant, device_bytes, host_bytes, max_context, device=device, dtype=dtype,
              experts_on_device=None if experts_on_device == "auto" else experts_on_device,
              min_experts_on_device=min_experts_on_device, swap=swap)

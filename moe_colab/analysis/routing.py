@@ -127,9 +127,17 @@ class RoutingTrace:
     def load(cls, path) -> "RoutingTrace":
         from safetensors import safe_open
         path = Path(path)
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a directory; a routing trace is one file written by "
+                                    f"RoutingTrace.save")
         if not path.is_file():
             raise FileNotFoundError(f"no routing trace at {path}")
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as e:     # safetensors' own error names no file
+            raise ValueError(f"{path} is not a routing trace (not a safetensors file written by "
+                             f"RoutingTrace.save: {e})") from None
+        with f:
             raw = (f.metadata() or {}).get("moe_colab")
             if raw is None:
                 raise ValueError(f"{path} is a safetensors file but not a moe_colab RoutingTrace")

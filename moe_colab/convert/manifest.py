@@ -205,6 +205,34 @@ def open_quantized(path, quant=None, *, verify: str = "headers"):
     return manifest, qcfg
 
 
+def check_directory(path) -> tuple[dict, list[str]]:
+    """(manifest, problems) of a quantized directory, every file checked against its record: size,
+    tensors and a fresh sha256 (the verified stamps are not trusted here: bit rot keeps the mtime).
+    Each problem names its file; an empty list means the directory matches its manifest. Raises
+    CheckpointError when ``path`` is not a quantized directory at all."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    problems = []
+    if not manifest.get("complete"):
+        problems.append(f"{MANIFEST}: the quantization did not finish")
+    expected = [TRUNK_FILE] + [layer_file(l) for l in range(manifest["config"]["num_hidden_layers"])]
+    files = manifest["files"]
+    for name in expected:
+        if name not in files and manifest.get("complete"):
+            problems.append(f"{name}: {MANIFEST} holds no record of it")
+    for name, entry in files.items():
+        try:
+            verify_file(path, name, entry)
+            if sha256_file(path / name) != entry["sha256"]:
+                raise CheckpointError(f"{name}: sha256 does not match {MANIFEST} (the file is corrupt or was changed)")
+            record_verified(path, name, entry["sha256"])
+        except CheckpointError as e:
+            problems.append(str(e))
+        except (KeyError, TypeError, AttributeError):
+            problems.append(f"{name}: its record in {MANIFEST} is malformed (no size, sha256 or tensors)")
+    return manifest, problems
+
+
 def model_config(manifest: dict):
     """The original model's transformers config."""
     from transformers import MixtralConfig

@@ -57,6 +57,7 @@ class QuantizedDirWriter:
         self.dst = Path(dst)
         if self.dst.exists() and not self.dst.is_dir():
             raise CheckpointError(f"{self.dst} is a file, not a directory: choose a directory for the output")
+        _check_writable(self.dst)
         self.manifest = self._resume(fresh, verify_existing) if (self.dst / MANIFEST).is_file() else fresh
         self.started = (self.dst / MANIFEST).is_file()
 
@@ -192,6 +193,18 @@ class QuantizedDirWriter:
             if Path(path).resolve() != (self.dst / name).resolve():
                 shutil.copyfile(path, self.dst / name)
         return self.dst
+
+
+def _check_writable(dst: Path) -> None:
+    """Refuse an output no run could write, before any work (the directory itself is made only
+    when the first unit is ready): its nearest existing ancestor must be a writable directory."""
+    probe = dst.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CheckpointError(f"cannot write {dst}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {dst}: {probe} is not writable")
 
 
 def fresh_files(manifest: dict) -> list[str]:

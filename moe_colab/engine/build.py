@@ -18,6 +18,8 @@ benchmark (synthetic weights). Benchmark-only behaviour (a routing replay) comes
 """
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,36 +44,121 @@ class Strategies:
 
 
 class OffloadedModelMixin:
-    """Methods added to the transformers model class."""
+    """Methods added to the transformers model class.
+
+    One forward at a time: the expert cache (slots, LRU order, copy streams, queued guesses, and
+    in swap mode the only copy of some experts) is state that one forward changes layer by
+    layer, so ``forward`` holds ``offload_lock`` (a re-entrant lock) from its first layer to its
+    last. ``generate`` calls forward once per token: generate calls from several threads take
+    turns token by token, each with its own KV cache, and each gets what it would get alone.
+    Statistics are read and reset under the same lock.
+
+    Inference only: the experts are packed buffers in the ExpertStore, outside the module tree
+    and autograd. ``.to()``/``.half()``/``.cuda()``... that would change the device or dtype
+    refuse (they could convert only the trunk); a no-op ``.to()`` (the same device and dtype,
+    as pipelines call it) is allowed. ``.train()`` and ``requires_grad_(True)`` refuse.
+    """
 
     moe_cache: ExpertCache
     offload_options: OffloadOptions
     offload_compute: ModelCompute
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offload_lock = threading.RLock()
 
     def offload_stats(self, per_layer: bool = False) -> dict:
         """Totals of hits, misses, prefetch_hits, prefetches, prefetch_wasted, bytes_to_device,
         bytes_to_host (ints); with ``per_layer=True`` also a list of the same per layer. If this
         model switched a fast path off (a failed Triton launch or CUDA-graph capture), also
         ``fallbacks``: {what: why}."""
-        stats = self.moe_cache.stats(per_layer)
+        with self.offload_lock:        # between forwards: counters of whole tokens
+            stats = self.moe_cache.stats(per_layer)
         if self.offload_compute.fallbacks:
             stats["fallbacks"] = self.offload_compute.report()
         return stats
 
     def reset_offload_stats(self) -> None:
-        self.moe_cache.reset_stats()
+        with self.offload_lock:
+            self.moe_cache.reset_stats()
 
     def save_pretrained(self, *args, **kwargs):
         raise NotImplementedError("an offloaded model keeps its experts outside the module tree; "
                                   "save the original checkpoint (or use moe_colab.quantize) instead")
 
+    def _check_prompt(self, ids: torch.Tensor) -> None:
+        """A prompt (more than one token per row: decoding steps only feed back tokens the model
+        sampled) whose ids the embedding cannot look up. On CUDA it would end in a device-side
+        assert that leaves the CUDA context unusable (on Colab: restart the runtime); one small
+        host sync per prompt avoids that."""
+        if ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {list(ids.shape)}): give at least one token")
+        if ids.is_floating_point() or ids.is_complex():
+            return                        # transformers' own error names the dtype
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        vocab = self.get_input_embeddings().num_embeddings
+        if lo < 0 or hi >= vocab:
+            bad = hi if hi >= vocab else lo
+            raise ValueError(f"input_ids holds token id {bad}, outside this model's vocabulary 0..{vocab - 1}: "
+                             f"was it tokenized with another model's tokenizer?")
+
+    # -- inference only ------------------------------------------------------------------------
+    def _built(self) -> bool:
+        return self.__dict__.get("moe_cache") is not None
+
+    def _apply(self, fn, recurse=True):
+        # .to/.half/.float/.bfloat16/.cuda/.cpu/.type all come here. Ask fn what it would do to
+        # a trunk tensor: a change of device or dtype would leave the experts behind.
+        if self._built():
+            p = next(t for t in self.parameters() if t.is_floating_point())
+            try:
+                probe = fn(torch.empty(0, dtype=p.dtype, device=p.device))
+                target = f"{str(probe.dtype).removeprefix('torch.')} on {probe.device}"
+                changes = probe.dtype != p.dtype or probe.device != p.device
+            except Exception as e:       # e.g. .cuda() where torch has no CUDA
+                target, changes = f"({type(e).__name__}: {e})", True
+            if changes:
+                have = f"{str(p.dtype).removeprefix('torch.')} on {p.device}"
+                raise RuntimeError(f"an offloaded model cannot change device or dtype after loading (it holds "
+                                   f"{have}, this asks for {target}): its experts are packed for {have} in host "
+                                   f"memory, outside the module tree; load it again with "
+                                   f"moe_colab.load_model(path, device=..., dtype=...)")
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        if mode and self._built():
+            raise RuntimeError("an offloaded model is for inference only: its experts are packed buffers outside "
+                               "autograd, so it cannot be trained; fine-tune the original checkpoint with "
+                               "transformers and load the result with moe_colab.load_model")
+        return super().train(mode)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        if requires_grad and self._built():
+            raise RuntimeError("an offloaded model is for inference only: its experts are outside autograd and "
+                               "receive no gradients; fine-tune the original checkpoint with transformers")
+        return super().requires_grad_(requires_grad)
+
 
 _CLASSES: dict[type, type] = {}
 
 
+def _one_at_a_time(forward):
+    """``forward`` under the model's offload_lock (see OffloadedModelMixin). functools.wraps keeps
+    its signature visible: generate inspects it to learn which arguments the model takes."""
+    @functools.wraps(forward)
+    def locked_forward(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] != 1:
+            self._check_prompt(ids)
+        with self.offload_lock:
+            return forward(self, *args, **kwargs)
+    return locked_forward
+
+
 def _offloaded_class(base: type) -> type:
     if base not in _CLASSES:
-        _CLASSES[base] = type(f"Offloaded{base.__name__}", (OffloadedModelMixin, base), {})
+        _CLASSES[base] = type(f"Offloaded{base.__name__}", (OffloadedModelMixin, base),
+                              {"forward": _one_at_a_time(base.forward)})
     return _CLASSES[base]
 
 
@@ -143,11 +230,19 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
 
 def load_trunk(model, state: dict, device, directory=None) -> None:
     """Copy every trunk tensor into its parameter or persistent buffer; name what does not fit."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        # to_empty gave lm_head its own tensor: tie it again first, so it is one parameter that
+        # the file need not hold (transformers ignores a tied copy in the file too).
+        model.tie_weights()
     params = dict(model.named_parameters())
     for prefix, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and name not in module._non_persistent_buffers_set:
                 params[f"{prefix}.{name}" if prefix else name] = buf
+    if tied:
+        aliases = set(model.state_dict()) - set(params)          # lm_head.weight
+        state = {k: v for k, v in state.items() if k not in aliases}
     unexpected = [k for k in state if k not in params]
     if unexpected:
         raise ValueError(f"{directory}: tensors that fit no parameter of the model, e.g. {unexpected[:3]}")
@@ -160,9 +255,6 @@ def load_trunk(model, state: dict, device, directory=None) -> None:
                                  f"the config needs {tuple(p.shape)}")
             p.copy_(tensor.to(device=device, dtype=p.dtype))
             loaded.add(name)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-        loaded |= {n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight}
     missing = [n for n in params if n not in loaded]
     if missing:
         raise ValueError(f"{directory}: the checkpoint lacks {missing[:3]}")
