@@ -23,7 +23,7 @@ from moe_colab.notebook.runtime import COLAB_GPU_MENU, Runtime, describe
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = ["00_index", "01_router_analysis", "02_expert_locality", "03_lru_cache", "04_speculative_loading",
-            "05_mixed_quantization", "06_mixtral_on_a_t4", "07_inside_the_engine"]
+            "05_mixed_quantization", "05b_quantized_model", "06_mixtral_on_a_t4", "07_inside_the_engine"]
 # Notebooks that need a GPU for their point (Colab opens them on a T4); the others open on a CPU
 # runtime and say how to switch when USE_REAL_MIXTRAL is set.
 GPU_NOTEBOOKS = {"06_mixtral_on_a_t4"}
@@ -205,4 +205,4 @@ def test_runtime_model_override_and_load_kwargs(monkeypatch, tmp_path):
     assert kw["experts_on_device"] == 2 and kw["device"] == rt.device and kw["dtype"] == rt.dtype
     assert "quant" not in kw
     real = _rt(device="cuda", model="mixtral-8x7b-instruct", dtype_name="float16", real_mixtral=True)
-    assert real.load_kwargs()["quant"] == "paper-2bit"
+    assert real.load_kwargs()["experts_on_device"] == "auto" and "quant" not in real.load_kwargs()

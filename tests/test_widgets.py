@@ -69,20 +69,26 @@ def test_perfect_guesses_hit_everything_after_layer_zero():
         W.cache_events(trace, 2, "lru", 2, None)
 
 
-def test_routing_figure_shows_top1_and_hover_has_all_experts():
+def test_routing_figure_shows_every_rank_and_hover_has_all_experts():
     trace = random_trace(seed=6, top_k=3)
+    K = trace.top_k
     fig = W.routing_figure(trace)
     hm = fig.data[0]
-    assert np.array_equal(np.asarray(hm.z), trace.experts[:, :, 0].numpy())
+    z = np.asarray(hm.z)
+    for l in range(trace.num_layers):          # one row per rank: every chosen expert is drawn
+        for r in range(K):
+            assert np.array_equal(z[l * K + r], trace.experts[l, :, r].numpy())
     # Plotly reads tick labels as HTML ("<s>", a BOS token, would strike through): escaped.
     assert list(fig.layout.xaxis.ticktext) == [f"tok{i}&lt;" for i in range(trace.num_tokens)]
+    assert fig.layout.width is None                         # fits the page: nothing clipped
     l, t = 2, 7
-    token, choice = hm.customdata[l][t]
-    assert token == "tok7&lt;"                              # escaped for plotly's hover HTML
+    token, choice, rank = hm.customdata[l * K + 1][t]
+    assert token == "tok7&lt;" and rank == "2nd"            # escaped for plotly's hover HTML
     for e, w in zip(trace.experts[l, t].tolist(), trace.weights[l, t].tolist()):
         assert f"e{e} {w:.2f}" in choice
-    # One flat colour band per expert id.
+    # One flat colour band per expert id, from the colour-blind-safe palette.
     assert len({c for _, c in hm.colorscale}) == trace.num_experts
+    assert {c for _, c in hm.colorscale} <= set(W.S.OKABE_ITO)
 
 
 def test_cache_figure_counts_misses():
@@ -104,10 +110,10 @@ def test_explorer_readout_follows_sliders():
         return float(x.readout.value.split("hit ratio: ")[1][:4])
 
     assert shown() == pytest.approx(simulate_cache(trace, 4, "lru")["hit_ratio"], abs=0.005)
-    z_before = np.asarray(x.figure.data[0].z).copy()
+    z_before = np.asarray(x.shown.figure.data[0].z).copy()
     x.cache_size.value = 1
     assert shown() == pytest.approx(simulate_cache(trace, 1, "lru")["hit_ratio"], abs=0.005)
-    assert not np.array_equal(np.asarray(x.figure.data[0].z), z_before)
+    assert not np.array_equal(np.asarray(x.shown.figure.data[0].z), z_before)
     x.policy.value = "belady"
     assert shown() == pytest.approx(simulate_cache(trace, 1, "belady")["hit_ratio"], abs=0.005)
     x.cache_size.value = 3
@@ -116,6 +122,7 @@ def test_explorer_readout_follows_sliders():
     assert shown() == pytest.approx(simulate_prefetch(trace, guesses, 3, 2)["hit_ratio"], abs=0.005)
     classes = {c for w in (x.cache_size, x.prefetch, x.policy, x.readout) for c in w._dom_classes}
     assert classes == {"moe-cache-size", "moe-prefetch", "moe-policy", "moe-hit-ratio"}
+    assert "moe-cache-explorer" in x.box._dom_classes
     assert x.cache_size.description == "cache size" and x.prefetch.description == "prefetch"
 
 
@@ -129,16 +136,64 @@ def test_explorer_without_guesses_disables_prefetch():
 def test_static_fallback_outside_a_kernel(monkeypatch):
     trace = random_trace(seed=10)
     # pytest is plain Python, not a Jupyter kernel: figures, not widgets.
-    assert isinstance(W.routing_heatmap(trace), go.Figure)
-    assert isinstance(W.cache_timeline(trace, 2), go.Figure)
-    fig = W.cache_explorer(trace)
-    assert isinstance(fig, go.Figure) and [d.name for d in fig.data] == list(W.POLICIES)
-    belady, lru = fig.data[3].y[trace.top_k - 1:], fig.data[0].y[trace.top_k - 1:]
+    assert isinstance(W.routing_heatmap(trace), W.Shown)
+    assert isinstance(W.cache_timeline(trace, 2), W.Shown)
+    shown = W.cache_explorer(trace, cache_size=3)
+    # without a kernel the explorer is the figure it would first show (not a second copy of the
+    # hit-ratio chart a notebook already shows)
+    assert isinstance(shown, W.Shown) and shown.figure.layout.title.text == W.cache_events(trace, 3).title()
+    table = W.hit_ratio_figure(trace)
+    belady, lru = table.data[3].y[trace.top_k - 1:], table.data[0].y[trace.top_k - 1:]
     assert all(b >= l - 1e-9 for b, l in zip(belady, lru))  # the offline optimum (k >= top_k)
-    assert isinstance(W.routing_heatmap(trace, interactive=True), W.widgets.VBox)
+    assert isinstance(W.cache_explorer(trace, interactive=True), W.LiveView)
     monkeypatch.setenv("MOE_COLAB_STATIC", "1")
     from moe_colab.notebook.runtime import widgets_available
     assert not widgets_available()
+
+
+def test_shown_carries_plotly_json_and_a_static_picture_not_plotly_js(monkeypatch):
+    import json
+    import xml.etree.ElementTree as ET
+    trace = random_trace(seed=12, tokens=80)
+    bundle = W.routing_heatmap(trace)._repr_mimebundle_()
+    assert set(bundle) == {"application/vnd.plotly.v1+json", "image/svg+xml", "text/plain"}
+    size = len(json.dumps(bundle["application/vnd.plotly.v1+json"]))
+    assert size < 500_000 and "Plotly.newPlot" not in json.dumps(bundle)      # data only, no plotly.js
+    svg = ET.fromstring(bundle["image/svg+xml"])
+    assert svg.get("width") == "100%" and svg.get("viewBox")                  # scales to the page
+    drawn = {r.get("fill") for r in svg.iter("{http://www.w3.org/2000/svg}rect")}
+    used = {W.PALETTE[e] for e in trace.experts.unique().tolist()}
+    assert used <= drawn                                                      # every chosen expert drawn
+    monkeypatch.setattr(W, "in_colab", lambda: True)
+    html = W.routing_heatmap(trace)._repr_mimebundle_()["text/html"]
+    assert "cdn.plot.ly" in html and len(html) < 1_000_000                   # Colab: plotly.js from its CDN
+
+
+def test_live_view_updates_its_figure_in_place():
+    trace = random_trace(seed=13)
+    x = W.cache_explorer(trace, cache_size=2, interactive=True)
+    updates = []
+
+    class Handle:
+        def update(self, obj):
+            updates.append(obj)
+
+    x._handle = Handle()
+    x.cache_size.value = 4
+    assert len(updates) == 1 and updates[0] is x.shown
+    assert "cache of 4" in updates[0].figure.layout.title.text
+    bundle = x.box._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_show_draws_line_and_bar_charts():
+    fig = go.Figure([go.Scatter(x=[1, 2, 3], y=[0.1, 0.5, 0.4], name="a"), go.Scatter(x=[1, 2, 3], y=[0.2, 0.3, 0.9], name="b")])
+    fig.add_hline(y=0.25, annotation_text="chance")
+    svg = W.show(fig).svg
+    assert svg.count("<polyline") == 2 and "chance" in svg
+    bars = W.show(go.Figure([go.Bar(x=["x", "y"], y=[1.0, 2.0], name="ours")])).svg
+    assert bars.count("<rect") >= 3 and "ours" in bars
+    assert W.show(go.Figure(go.Pie(values=[1, 2]))).svg is None              # not drawn: no fake picture
 
 
 def test_text_table_marks_misses():

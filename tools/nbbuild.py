@@ -139,7 +139,7 @@ def clean(path: Path) -> None:
 
 
 def sources(folder: Path = NOTEBOOKS) -> list[Path]:
-    return sorted((folder / "src").glob("[0-9][0-9]_*.py"))
+    return sorted((folder / "src").glob("[0-9][0-9]*_*.py"))
 
 
 def main(argv=None) -> int:

@@ -12,9 +12,11 @@ Where the times come from:
   * on a GPU (``measured``): the CUDA events the log recorded on the compute and copy streams;
   * on a CPU there is no copy engine to time (a "copy" is a synchronous memcpy), so the timeline
     is a MODEL: the host's own measured durations for syncs, expert compute and the work between
-    events (attention, norms, routers), and copies of ``nbytes / bandwidth`` on one copy lane that
-    runs beside the host, as a GPU's copy engine would. An expert whose copy has not landed makes
-    compute wait ("waiting for a copy"). The figure's title says which of the two it shows.
+    events (attention, norms, routers), and copies of ``nbytes / bandwidth`` on a host-to-device
+    copy lane that runs beside the host, as a GPU's copy engine would; swap-mode write-backs run
+    on their own device-to-host lane (the engine gives them their own stream: PCIe is full
+    duplex). An expert whose copy has not landed makes compute wait ("waiting for a copy"). The
+    figure's title says which of the two it shows.
 
 Reference: Eliseev & Mazur, arXiv 2312.17238, section 3.2 (speculative loading overlaps copies
 with computation) and Table 2.
@@ -106,7 +108,7 @@ class Bar:
 
     @property
     def lane(self) -> str:
-        return "copy" if self.kind in COPY_KINDS else "compute"
+        return "write-back" if self.kind == "writeback" else "copy" if self.kind in COPY_KINDS else "compute"
 
 
 def schedule(rec: TokenRecord, bandwidth_gbps: float | None = None) -> tuple[list[Bar], float]:
@@ -125,7 +127,7 @@ def schedule(rec: TokenRecord, bandwidth_gbps: float | None = None) -> tuple[lis
     t = rec.lead_ms
     if rec.lead_ms > 0:
         bars.append(Bar("other", 0, None, 0.0, rec.lead_ms))
-    copy_free, ready = 0.0, {}
+    copy_free, back_free, ready = 0.0, 0.0, {}
     prev_end = rec.rows[0]["host_start_ms"] if rec.rows else 0.0
     layer = 0
     for r in rec.rows:
@@ -137,13 +139,17 @@ def schedule(rec: TokenRecord, bandwidth_gbps: float | None = None) -> tuple[lis
             bars.append(Bar("other", layer, None, t, t + gap))
             t += gap
         kind, l, e = r["kind"], r["layer"], r["expert"]
+        if kind == "writeback":                        # its own device-to-host lane
+            start = max(t, back_free)
+            back_free = start + r["nbytes"] / per_ms
+            bars.append(Bar(kind, l, e, start, back_free, r["nbytes"]))
+            continue
         if kind in COPY_KINDS:                         # issued now, runs on the copy lane
             start = max(t, copy_free)
             end = start + r["nbytes"] / per_ms
             copy_free = end
             bars.append(Bar(kind, l, e, start, end, r["nbytes"]))
-            if kind != "writeback":
-                ready[(l, e)] = end
+            ready[(l, e)] = end
             continue
         took = r["host_end_ms"] - r["host_start_ms"]
         if kind == "compute":
@@ -157,7 +163,7 @@ def schedule(rec: TokenRecord, bandwidth_gbps: float | None = None) -> tuple[lis
     if tail > 1e-6:
         bars.append(Bar("other", layer, None, t, t + tail))
         t += tail
-    return bars, max(t, copy_free)
+    return bars, max(t, copy_free, back_free)
 
 
 def summary(rec: TokenRecord, bars: list[Bar], total_ms: float) -> dict:
@@ -165,15 +171,17 @@ def summary(rec: TokenRecord, bars: list[Bar], total_ms: float) -> dict:
     copy_ms = sum(b.end - b.start for b in bars if b.lane == "copy")
     return {"token_ms": total_ms, "tokens_per_s": 1e3 / total_ms if total_ms else float("inf"),
             "waiting_ms": waited, "copy_ms": copy_ms, "copies": sum(b.lane == "copy" for b in bars),
+            "writebacks": sum(b.lane == "write-back" for b in bars),
             "bytes": sum(b.nbytes for b in bars if b.kind in ("load", "prefetch"))}
 
 
-def _lanes(L: int) -> list[str]:
-    return [f"L{l} {lane}" for l in range(L) for lane in ("compute", "copy")]
+def _lanes(L: int, writeback: bool = False) -> list[str]:
+    kinds = ("compute", "copy", "write-back") if writeback else ("compute", "copy")
+    return [f"L{l} {lane}" for l in range(L) for lane in kinds]
 
 
 def timeline_figure(rec: TokenRecord, bars: list[Bar], total_ms: float, bandwidth_gbps: float | None) -> go.Figure:
-    lanes = _lanes(rec.num_layers)
+    lanes = _lanes(rec.num_layers, any(b.kind == "writeback" for b in bars))
     fig = go.Figure()
     for kind in KINDS:
         mine = [b for b in bars if b.kind == kind]
@@ -203,12 +211,13 @@ def _title(rec: TokenRecord, total_ms: float, bandwidth_gbps: float | None) -> s
 
 
 def timeline_svg(rec: TokenRecord, bars: list[Bar], total_ms: float, bandwidth_gbps: float | None) -> str:
-    lanes = _lanes(rec.num_layers)
+    back = any(b.kind == "writeback" for b in bars)
+    lanes = _lanes(rec.num_layers, back)
     index = {name: i for i, name in enumerate(lanes)}
     return S.gantt_svg([(index[f"L{b.layer} {b.lane}"], b.start, b.end, COLOURS[b.kind]) for b in bars], lanes,
                        title=_title(rec, total_ms, bandwidth_gbps), xlabel="time within the token (ms)",
                        legend=[(COLOURS[k], LABELS[k]) for k in KINDS if any(b.kind == k for b in bars)],
-                       group_gap_every=2, lane_h=12 if rec.num_layers > 8 else 14)
+                       group_gap_every=3 if back else 2, lane_h=12 if rec.num_layers > 8 else 14)
 
 
 def timeline_view(rec: TokenRecord, bandwidth_gbps: float | None = None):
@@ -233,14 +242,16 @@ def token_timeline(record, *, bandwidth_gbps: float = 12.0, cache_size: int | No
 
 
 def _explorer_base():
-    from .widgets import FigureBox
-    return FigureBox
+    from .widgets import LiveView
+    return LiveView
 
 
 class TimelineExplorer(_explorer_base()):
     """Sliders: copy bandwidth (GB/s) and, when the record is a function, slots per layer; a
     readout of the token time and the timeline. Parts: ``.bandwidth``, ``.cache_size``,
-    ``.readout``, ``.record``, ``.summary``."""
+    ``.readout``, ``.record``, ``.summary``, ``.box`` (CSS class ``moe-timeline``)."""
+
+    css = "moe-timeline"
 
     def __init__(self, get, rec: TokenRecord, bandwidth_gbps, resizable: bool):
         import ipywidgets as widgets
@@ -258,7 +269,7 @@ class TimelineExplorer(_explorer_base()):
                        (self.readout, "moe-token-time")):
             w.add_class(cls)
         controls = widgets.HBox([self.bandwidth, self.cache_size], layout=widgets.Layout(flex_flow="row wrap"))
-        super().__init__([controls, self.readout], css="moe-timeline")
+        super().__init__([controls, self.readout])
         self._update()
         self.bandwidth.observe(self._update, names="value")
         self.cache_size.observe(self._resize, names="value")
@@ -273,6 +284,6 @@ class TimelineExplorer(_explorer_base()):
         self.summary = summary(self.record, bars, total)
         s = self.summary
         self.readout.value = (f"<b>token time: {s['token_ms']:.2f} ms</b> ({s['tokens_per_s']:.1f} tokens/s); "
-                              f"{s['copies']} copies, {s['bytes'] / 2**20:.2f} MiB; waiting for copies "
-                              f"{s['waiting_ms']:.2f} ms")
+                              f"{s['copies']} copies in, {s['bytes'] / 2**20:.2f} MiB; {s['writebacks']} "
+                              f"write-backs; waiting for copies {s['waiting_ms']:.2f} ms")
         self.show(timeline_view(self.record, bw))

@@ -18,9 +18,9 @@ How a figure reaches the page. ``Shown`` is what a cell displays: its output hol
 plotly JSON (``application/vnd.plotly.v1+json``: JupyterLab's plotly extension draws it with the
 plotly.js it loaded once, never 5 MB per figure), a static SVG (``moe_colab.notebook.svg``: what
 GitHub, nbviewer, the book and a notebook reopened without a kernel show) and a line of text. On
-Colab it adds plotly's HTML, which loads plotly.js once per page from plotly's CDN. The live
-widgets (in a kernel) are ipywidgets controls above an ``Output`` that shows a ``Shown``; their own
-output carries the static SVG too. Nothing here ever waits for a frontend.
+Colab it adds plotly's HTML, which loads plotly.js once per page from plotly's CDN. A live view
+(``LiveView``, in a kernel) is ipywidgets controls above such a figure, which the controls update
+in place through its display id. Nothing here ever waits for a frontend.
 
 Figures fit the page width (no fixed pixel widths: nothing is clipped in JupyterLab's default
 layout); long traces fit by narrowing the cells, and plotly's zoom keeps the layer labels on the
@@ -43,7 +43,7 @@ import plotly.graph_objects as go
 import torch
 
 from . import svg as S
-from .runtime import in_colab, in_kernel, widgets_available
+from .runtime import in_colab, widgets_available
 
 POLICIES = ("lru", "lfu", "fifo", "belady")
 PALETTE = S.PALETTE
@@ -84,33 +84,32 @@ def show(fig: go.Figure, svg: str | None = None) -> Shown:
     return Shown(fig, svg)
 
 
-class FigureBox(widgets.VBox):
-    """A live view: ``children`` (controls) above an Output showing the current ``Shown``. Its own
-    output also carries the current static picture, for a notebook saved with its outputs."""
+class LiveView:
+    """Controls (ipywidgets, in ``.box``) above a figure. The figure is an ordinary display output
+    (a ``Shown``) that the controls update in place through its display id: no Output widget, so
+    nothing waits on a frontend, and a notebook saved with its outputs keeps the figure of the
+    last settings (plotly JSON and SVG) even where the controls cannot render."""
 
-    def __init__(self, children=(), shown: Shown | None = None, css: str | None = None):
-        self.output = widgets.Output()
-        self.shown = None
-        super().__init__(list(children) + [self.output])
-        if css:
-            self.add_class(css)
-        if shown is not None:
-            self.show(shown)
+    css = "moe-live-view"
+
+    def __init__(self, controls=(), shown: Shown | None = None):
+        self.box = widgets.VBox(list(controls))
+        self.box.add_class(self.css)
+        self.shown, self._handle = shown, None
 
     def show(self, shown: Shown) -> None:
-        from IPython.display import display
         self.shown = shown
-        if not in_kernel():              # plain Python (tests): nothing to draw into
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(shown)
+        if self._handle is not None:
+            self._handle.update(shown)
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if self.shown is not None and self.shown.svg:
-            bundle["image/svg+xml"] = self.shown.svg
-        return bundle
+    def _ipython_display_(self):
+        from IPython.display import display
+        if self.box.children:
+            display(self.box)
+        self._handle = display(self.shown, display_id=True)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.shown.text if self.shown else ''}>"
 
 
 # -- reading a trace -------------------------------------------------------------------------
@@ -411,22 +410,15 @@ def _interactive(interactive: bool | None) -> bool:
 
 
 def routing_heatmap(trace, tokens=None, *, interactive: bool | None = None):
-    """The routing heatmap: in a kernel a box (CSS class ``moe-routing-heatmap``) showing it,
-    elsewhere the ``Shown`` figure itself."""
-    shown = Shown(routing_figure(trace, tokens), routing_svg(trace, tokens))
-    if not _interactive(interactive):
-        return shown
-    return FigureBox(shown=shown, css="moe-routing-heatmap")
+    """The routing heatmap (a ``Shown``: interactive plotly in JupyterLab, SVG elsewhere)."""
+    return Shown(routing_figure(trace, tokens), routing_svg(trace, tokens))
 
 
 def cache_timeline(trace, cache_size: int = 4, policy: str = "lru", tokens=None, *, prefetch: int = 0,
                    guesses=None, interactive: bool | None = None):
     """Hit or miss per layer per token for one cache configuration."""
     events = cache_events(trace, cache_size, policy, prefetch, guesses)
-    shown = Shown(cache_figure(trace, events, tokens), cache_svg(trace, events, tokens))
-    if not _interactive(interactive):
-        return shown
-    return FigureBox(shown=shown, css="moe-cache-timeline")
+    return Shown(cache_figure(trace, events, tokens), cache_svg(trace, events, tokens))
 
 
 def cache_explorer(trace, tokens=None, *, cache_size: int = 4, policy: str = "lru", prefetch: int = 0,
@@ -441,10 +433,12 @@ def cache_explorer(trace, tokens=None, *, cache_size: int = 4, policy: str = "lr
     return CacheExplorer(trace, tokens, cache_size, policy, prefetch, guesses, policies)
 
 
-class CacheExplorer(FigureBox):
+class CacheExplorer(LiveView):
     """[cache size slider, prefetch slider, policy menu], the hit ratio readout, the timeline.
-    Its parts: ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout``, ``.output``, ``.events``,
-    ``.shown`` (the figure on show: ``.shown.figure``)."""
+    Its parts: ``.cache_size``, ``.prefetch``, ``.policy``, ``.readout``, ``.box`` (the controls,
+    CSS class ``moe-cache-explorer``), ``.events``, ``.shown`` (the figure: ``.shown.figure``)."""
+
+    css = "moe-cache-explorer"
 
     def __init__(self, trace, tokens, cache_size, policy, prefetch, guesses, policies):
         E = trace.num_experts
@@ -465,7 +459,7 @@ class CacheExplorer(FigureBox):
             w.add_class(cls)
         controls = widgets.HBox([self.cache_size, self.prefetch, self.policy],
                                 layout=widgets.Layout(flex_flow="row wrap"))
-        super().__init__([controls, self.readout], css="moe-cache-explorer")
+        super().__init__([controls, self.readout])
         self._update()
         for w in (self.cache_size, self.prefetch, self.policy):
             w.observe(self._update, names="value")

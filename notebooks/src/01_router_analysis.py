@@ -15,8 +15,9 @@
 # - Preview how a per-layer expert cache would fare on these choices.
 #
 # ## What you need
-# - Any CPU: the notebook uses the small `tiny` model shipped with `moe_colab` (about a minute).
-# - Optional: a GPU runtime and `USE_REAL_MIXTRAL = True` below for Mixtral-8x7B-Instruct.
+# - Any CPU: the notebook uses the small `tiny` model shipped with `moe_colab` (well under a minute).
+# - Optional: a GPU runtime and `USE_REAL_MIXTRAL = True` below for Mixtral-8x7B-Instruct (the
+#   shared pre-quantized weights of notebook 00's "What you need"; the planner sizes the cache).
 
 # %%
 USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is present (else `tiny` on CPU)
@@ -31,14 +32,12 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is prese
 
 # %%
 import torch
-from transformers import AutoTokenizer
 
 import moe_colab
-from moe_colab.checkpoint import resolve
 
 torch.manual_seed(0)
-tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
-model = moe_colab.load_model(rt.model, **rt.load_kwargs())
+tokenizer = rt.tokenizer()      # tokenizer files only
+model = rt.load_model()         # the notebook's one model: tiny, or the planned real Mixtral
 cfg = model.config
 E, K = cfg.num_local_experts, cfg.num_experts_per_tok
 print(f"{rt.model}: {cfg.num_hidden_layers} layers, {E} experts per layer, top-{K} routing")
@@ -62,6 +61,9 @@ print("token 0, layer 0: experts", trace.experts[0, 0].tolist(), "weights", [rou
 
 # %% [markdown]
 # ### 2.1 A router by hand
+#
+# ![A Mixtral MoE layer: the router picks 2 of 8 experts per token](figures/moe_layer.svg)
+#
 # A Mixtral router is one matrix `W_gate` `[E, H]`. For each token it normalises the residual
 # stream `h` with the layer's `post_attention_layernorm`, computes `logits = W_gate · norm(h)`,
 # takes a softmax over the E experts, keeps the top-k, and rescales their weights to sum to 1.
@@ -84,8 +86,9 @@ print(f"the hand-made router matches record_routing at all {cfg.num_hidden_layer
 
 # %% [markdown]
 # ## 3. Tokens × layers
-# Each cell is one token (column) at one layer (row); its colour is the expert with the largest
-# weight. Hover over a cell to see the token text, both chosen experts and their weights.
+# Each column is one token; each layer has one thin row per choice: its top-1 expert, then its
+# top-2 (so both chosen experts show), coloured by expert id. Hover over a cell to see the token
+# text and both experts with their weights; drag to zoom into a stretch of tokens.
 # Look for horizontal runs: consecutive tokens that keep an expert at the same layer. Those runs
 # are what makes an expert cache work (notebooks 02 and 03).
 
@@ -111,7 +114,7 @@ import inspect
 
 import moe_colab.analysis.simulate
 from moe_colab.analysis.locality import expert_load
-from moe_colab.notebook.widgets import expert_load_figure
+from moe_colab.notebook.widgets import expert_load_view
 
 text = inspect.getsource(moe_colab.analysis.simulate.simulate_cache) + inspect.getsource(moe_colab.analysis.simulate.simulate_prefetch)
 n = min(512, cfg.max_position_embeddings)
@@ -125,7 +128,7 @@ assert torch.allclose(load, by_hand / by_hand.sum(-1, keepdim=True))
 for l in range(cfg.num_hidden_layers):
     print(f"layer {l:2d}: busiest expert {int(load[l].argmax())} serves {load[l].max():.0%} of uses, "
           f"idlest {int(load[l].argmin())} {load[l].min():.0%} (uniform: {1 / E:.0%})")
-expert_load_figure(long_trace)
+expert_load_view(long_trace)
 
 # %% [markdown]
 # ## 5. Kinds of token and their experts
@@ -137,7 +140,7 @@ expert_load_figure(long_trace)
 
 # %%
 from moe_colab.analysis.locality import CATEGORIES, category_expert_counts, token_categories
-from moe_colab.notebook.widgets import category_figure
+from moe_colab.notebook.widgets import category_view
 
 offsets = [tuple(o) for o in enc.offset_mapping[0].tolist()]
 kinds = token_categories(text, offsets)
@@ -151,7 +154,7 @@ for c, name in enumerate(CATEGORIES):
         top = int(uses.argmax())
         print(f"{name:12s} {tokens_of_kind:4d} tokens: expert {top} in the top-{K} of {uses[top] / tokens_of_kind:4.0%} "
               f"of them (of all tokens: {load[last, top] * K:4.0%})")
-category_figure(counts, CATEGORIES)
+category_view(counts, CATEGORIES)
 
 # %% [markdown]
 # ## 6. A first look at caching
@@ -177,11 +180,56 @@ explorer
 # - Load is uneven on a single text, and some token kinds lean on particular experts.
 #
 # ## Exercises
-# 1. Change the prompt to prose (or to another language) and compare the heatmap with the code prompt.
-# 2. Which layer has the most uneven load on the long text? Is it the same layer for a different text?
-# 3. Compute, per layer, how often a token's top-1 expert equals the previous token's top-1 expert.
-#    How does it compare with chance (1/E)?
+# 1. Change the prompt of section 2 to prose (or to another language) and compare the heatmap
+#    with the code prompt: are the horizontal runs longer or shorter?
 #
+#    <details><summary>Hint 1</summary>
+#
+#    Set `prompt = "..."` and rerun the cells of sections 2 and 3; compare exercise 3's number too.
+#    </details>
+#    <details><summary>Solution 1</summary>
+#
+#    `tiny` was trained on Python only, so on prose its routers see text unlike anything they
+#    learned; expect fewer and shorter runs (exercise 3's statistic drops towards chance). On the
+#    real Mixtral, trained on both, runs appear in prose too.
+#    </details>
+#
+# 2. Which layer has the most uneven load on the long text of section 4? Measure unevenness as
+#    the busiest expert's share of uses. Write the layer number in `answer_2`.
+#
+#    <details><summary>Hint 2</summary>
+#
+#    `load` is `[layers, experts]`; `load.max(dim=1)` gives the busiest share per layer.
+#    </details>
+#    <details><summary>Solution 2</summary>
+#
+#    `int(load.max(dim=1).values.argmax())`. It changes with the text: route another text (e.g.
+#    `inspect.getsource(moe_colab.analysis.locality)`) and the busiest layer may move.
+#    </details>
+#
+# 3. Per layer, how often is a token's top-1 expert the previous token's top-1 expert? Average
+#    over layers and write it in `answer_3`. How does it compare with chance (1/E)?
+#
+#    <details><summary>Hint 3</summary>
+#
+#    `top1 = long_trace.experts[:, :, 0]` is `[layers, tokens]`; compare `top1[:, 1:]` with `top1[:, :-1]`.
+#    </details>
+#    <details><summary>Solution 3</summary>
+#
+#    `(top1[:, 1:] == top1[:, :-1]).float().mean().item()`; on `tiny` it is well above `1/E`:
+#    the horizontal runs of the heatmap, measured. Notebook 02 does this properly, for all top-k.
+#    </details>
+
+# %%
+from moe_colab.notebook.exercises import check
+
+answer_2 = None   # the layer with the most uneven load
+answer_3 = None   # share of tokens keeping the previous token's top-1 expert, averaged over layers
+top1 = long_trace.experts[:, :, 0]
+check(answer_2, int(load.max(dim=1).values.argmax()), rel=0, name="exercise 2")
+check(answer_3, (top1[:, 1:] == top1[:, :-1]).float().mean().item(), name="exercise 3")
+
+# %% [markdown]
 # ## What's next
 # **02 Expert locality** measures those horizontal runs properly and compares them with chance
 # and with the paper: {{badge 02_expert_locality}}

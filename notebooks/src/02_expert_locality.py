@@ -15,7 +15,8 @@
 # - Show that locality, not luck, makes the cache work: shuffle the tokens and watch the hit ratio fall.
 #
 # ## What you need
-# - Any CPU (about a minute with the shipped `tiny` model); optionally a GPU and `USE_REAL_MIXTRAL = True`.
+# - Any CPU (well under a minute with the shipped `tiny` model); optionally a GPU and
+#   `USE_REAL_MIXTRAL = True` (Mixtral-8x7B-Instruct, the shared weights of notebook 00).
 # - Notebook 01 explains what a routing trace is.
 
 # %%
@@ -32,15 +33,13 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is prese
 import inspect
 
 import torch
-from transformers import AutoTokenizer
 
 import moe_colab
 import moe_colab.analysis.locality
 import moe_colab.analysis.simulate
-from moe_colab.checkpoint import resolve
 
-tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
-model = moe_colab.load_model(rt.model, **rt.load_kwargs())
+tokenizer = rt.tokenizer()      # tokenizer files only
+model = rt.load_model()         # the notebook's one model
 cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
@@ -53,6 +52,9 @@ print(trace)
 
 # %% [markdown]
 # ## 2. Reuse by distance
+#
+# ![Reuse across tokens: consecutive tokens often pick an expert again](figures/reuse.svg)
+#
 # For every layer and distance `d`, `reuse_probability` gives the share of tokens `t` whose
 # experts overlap the experts of token `t + d` (at least one in common). If each token picked
 # its `k` experts uniformly at random out of `E`, that probability would be
@@ -65,7 +67,10 @@ reuse = reuse_probability(trace, max_distance=8)        # [layers, distances 1..
 chance = chance_reuse(E, K)
 print(f"chance (random top-{K} of {E}): {chance:.3f}")
 for l in range(L):
-    print(f"layer {l:2d}: d=1 {reuse[l, 0]:.3f}   d=2 {reuse[l, 1]:.3f}   d=8 {reuse[l, 7]:.3f}")
+    print(f"layer {l:2d}: d=1 {reuse[l, 0]:.3f}   d=2 {reuse[l, 1]:.3f}   d=8 {reuse[l, 7]:.3f}"
+          + ("   <- below chance at d=1" if reuse[l, 0] < chance else ""))
+below = [l for l in range(L) if reuse[l, 0] < chance]
+print(f"mean over layers at d=1: {torch.nanmean(reuse[:, 0]):.3f}; layers below chance at d=1: {below or 'none'}")
 
 # %% [markdown]
 # ### 2.1 The same number by hand
@@ -81,6 +86,8 @@ print(f"layer 0, distance 1: {by_hand:.3f} by hand, {float(reuse[0, 0]):.3f} fro
 # %%
 import plotly.graph_objects as go
 
+from moe_colab.notebook.widgets import show
+
 mean = torch.nanmean(reuse, dim=0)                                  # [distances]
 fig = go.Figure([go.Scatter(x=list(range(1, 9)), y=reuse[l].tolist(), mode="lines", name=f"layer {l}",
                             line=dict(width=1), opacity=0.5) for l in range(L)])
@@ -88,14 +95,14 @@ fig.add_scatter(x=list(range(1, 9)), y=mean.tolist(), mode="lines+markers", name
 fig.add_hline(y=chance, line_dash="dash", annotation_text="random routing")
 fig.update_layout(title=f"Reuse probability by distance ({rt.model})", xaxis_title="distance d (tokens)",
                   yaxis_title="P(token t+d shares an expert with t)", yaxis_range=[0, 1], height=420)
-fig
+show(fig)
 
 # %% [markdown]
 # ## 3. An LRU cache, beside the paper's Figure 2
-# Figure 2 (left) of the paper plots the LRU hit ratio of Mixtral-8x7B-Instruct for caches of
-# k = 2, 3 and 4 experts per layer. The paper gives these values only as a plot; summaries of it
-# speak of roughly 40-60 % with LRU alone (we could not check that reading, so we quote it as
-# such). Ours come from `simulate_cache` on the trace above. The second column shuffles the
+# The paper's Figure 2 (left) plots the LRU hit ratio of Mixtral-8x7B-Instruct for caches of
+# k = 2, 3 and 4 experts per layer. The paper gives these values only as a plot; secondary
+# summaries read it as roughly 40-60 % with LRU alone (we could not check that reading, so we
+# quote it as theirs, not the paper's). Ours come from `simulate_cache` on the trace above. The second column shuffles the
 # tokens of the trace: same experts, same load, no locality.
 
 # %%
@@ -110,7 +117,7 @@ for k in (2, 3, 4):
     if k <= E:
         ours[k] = simulate_cache(trace, k, "lru")["hit_ratio"]
         rand = simulate_cache(shuffled, k, "lru")["hit_ratio"]
-        print(f"{k:>2} | {ours[k]:9.3f} | {rand:21.3f} | {k / E:5.3f} | plotted only (~0.4-0.6 per summaries)")
+        print(f"{k:>2} | {ours[k]:9.3f} | {rand:21.3f} | {k / E:5.3f} | Figure 2 (left): plotted only")
 
 # %% [markdown]
 # With uniformly random routing an LRU cache of `k` experts would hit `k/E` of the time. The
@@ -119,18 +126,62 @@ for k in (2, 3, 4):
 
 # %% [markdown]
 # ## Summary
-# - Consecutive tokens share experts more often than random routing would, and the effect fades
-#   with distance: this is what an LRU cache exploits.
+# - Averaged over layers, consecutive tokens share experts more often than random routing would,
+#   and the effect fades with distance: this is what an LRU cache exploits. Not every layer
+#   does: the first cell of section 2 names the layers at or below chance (on `tiny`, layer 0,
+#   whose router sees little more than the token's own embedding).
 # - Shuffling the tokens keeps every expert's load but destroys locality, and the LRU hit ratio
 #   falls towards what the load alone explains (`k/E` for a perfectly balanced router).
 # - We rebuilt the reuse statistic by hand and matched the library.
 #
 # ## Exercises
-# 1. Repeat with `kind="fraction"` in `reuse_probability`: the share of a token's experts reused.
-#    Which of the two predicts an LRU hit ratio better?
-# 2. Which layers show the most locality? Do early or late layers reuse more?
-# 3. Route a prose text instead of code. Does locality change?
+# 1. Repeat section 2 with `kind="fraction"` in `reuse_probability` (the share of a token's
+#    experts reused). Which of the two predicts the LRU hit ratio of section 3 better?
 #
+#    <details><summary>Hint 1</summary>
+#
+#    A cache of `k = top_k` experts hits a use when that expert was used by the previous token:
+#    compare the mean `fraction` at distance 1 with `ours[2]`.
+#    </details>
+#    <details><summary>Solution 1</summary>
+#
+#    `frac = reuse_probability(trace, max_distance=8, kind="fraction")`; `torch.nanmean(frac[:, 0])`
+#    is close to the LRU hit ratio with `k = 2` (it counts reused uses, as the cache does), while
+#    "any overlap" overstates it: a token sharing one of two experts counts fully.
+#    </details>
+#
+# 2. Which layer shows the most locality (highest reuse at distance 1)? Write it in `answer_2`.
+#    Do early or late layers reuse more?
+#
+#    <details><summary>Hint 2</summary>
+#
+#    `reuse[:, 0]` is the distance-1 column, one value per layer.
+#    </details>
+#    <details><summary>Solution 2</summary>
+#
+#    `int(reuse[:, 0].argmax())`. On `tiny` the later layers reuse more than layer 0; the
+#    paper's Figure 2 shows the hit ratio per layer varying in the same way on Mixtral.
+#    </details>
+#
+# 3. Route a prose text instead of code (e.g. a paragraph of this notebook). Does locality change?
+#
+#    <details><summary>Hint 3</summary>
+#
+#    Replace `text` in section 1 and rerun sections 1-3.
+#    </details>
+#    <details><summary>Solution 3</summary>
+#
+#    On `tiny` (trained on Python only) reuse on prose falls towards chance; the tokens it has
+#    never seen get less consistent routing. Locality is a property of a model on a kind of text.
+#    </details>
+
+# %%
+from moe_colab.notebook.exercises import check
+
+answer_2 = None   # the layer with the most reuse at distance 1
+check(answer_2, int(reuse[:, 0].argmax()), rel=0, name="exercise 2")
+
+# %% [markdown]
 # ## What's next
 # **03 LRU cache** builds the cache itself, compares policies (including the offline optimum)
 # and runs the real engine: {{badge 03_lru_cache}}

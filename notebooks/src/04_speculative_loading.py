@@ -8,15 +8,22 @@
 # next, so **the next layer's router applied to the current layer's hidden state** is a good
 # guess of the experts the next layer will pick. Loading those guesses while the current layer
 # computes hides the copy time. This notebook measures how good the guesses are (the paper's
-# Figure 2, right) and what they do to the cache.
+# Figure 2, right), reproduces exactly what the engine's prefetching did, and weighs what it
+# buys (copies hidden behind compute) against what it costs (wrong guesses).
+#
+# ![Speculative loading moves copies off the critical path](figures/prefetch_timeline.svg)
 #
 # ## Objectives
 # - Make the guess by hand and check it against `moe_colab.analysis.prefetch_recall.guess_experts`.
 # - Measure prefetch recall for 1, 2 (and more) layers ahead against chance.
-# - Simulate LRU with prefetching, then run the engine with `prefetch=2` and read `prefetch_hits`.
+# - Understand the engine's `guess_from="auto"` rule and reproduce the engine's counters exactly
+#   with the simulator.
+# - Compare hits, prefetch hits and bytes copied with and without prefetch, and say when
+#   prefetching pays and when it costs.
 #
 # ## What you need
-# - Any CPU (one to two minutes with `tiny`); optionally a GPU and `USE_REAL_MIXTRAL = True`.
+# - Any CPU (under a minute with `tiny`); optionally a GPU and `USE_REAL_MIXTRAL = True`
+#   (Mixtral-8x7B-Instruct from the shared weights of notebook 00, cache sized by the planner).
 # - Notebook 03: the LRU cache that prefetching feeds.
 
 # %%
@@ -31,14 +38,12 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is prese
 import inspect
 
 import torch
-from transformers import AutoTokenizer
 
 import moe_colab
 import moe_colab.analysis.simulate
-from moe_colab.checkpoint import resolve
 
-tokenizer = AutoTokenizer.from_pretrained(resolve(rt.model))
-model = moe_colab.load_model(rt.model, **rt.load_kwargs())
+tokenizer = rt.tokenizer()      # tokenizer files only
+model = rt.load_model()         # the notebook's one model: LRU cache + prefetch 2, guess_from="auto"
 cfg = model.config
 E, K, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
 
@@ -96,6 +101,8 @@ print(f"recall one layer ahead with {p} guesses: {by_hand:.3f} by hand, {library
 # %%
 import plotly.graph_objects as go
 
+from moe_colab.notebook.widgets import show
+
 P = curves["prefetch"]
 fig = go.Figure([go.Scatter(x=P, y=curves["recall"][i].tolist(), mode="lines+markers", name=f"{a} layer(s) ahead")
                  for i, a in enumerate(curves["ahead"])])
@@ -104,18 +111,37 @@ fig.update_layout(title=f"Prefetch recall ({rt.model}, {trace.num_tokens} tokens
                   yaxis_title="recall", yaxis_range=[0, 1.02], height=420)
 for i, a in enumerate(curves["ahead"]):
     print(f"{a:2d} layer(s) ahead: " + "  ".join(f"p={q}: {r:.2f}" for q, r in zip(P, curves["recall"][i].tolist())))
-fig
+show(fig)
 
 # %% [markdown]
-# The engine can feed the guess from two hidden states: `"before"` (after attention, before the
-# experts: known earliest, so copies overlap the experts' compute too) or `"after"` (the layer's
-# output: closer to what the next layer sees, but later). Which guesses better here?
+# ### 3.1 Which hidden state? The engine's `guess_from="auto"` rule
+# The guess can read two hidden states of layer `l`: `"before"` (after attention, before the
+# experts: known earliest, so the copies also overlap layer `l`'s expert compute) or `"after"`
+# (the layer's output: closer to what layer `l+1` sees, but known only once layer `l` is done,
+# and it costs a second host sync). Recall one layer ahead, per layer that makes the guess:
 
 # %%
 after = prefetch_recall(model, ids, ahead=1, source="after")
 print("p:       " + "  ".join(f"{q:5d}" for q in P))
 print("before:  " + "  ".join(f"{r:5.2f}" for r in curves["recall"][0].tolist()))
 print("after:   " + "  ".join(f"{r:5.2f}" for r in after["recall"][0].tolist()))
+print(f"\nwith p = {K} guesses, per guessing layer:")
+for l in range(L - 1):
+    print(f"  layer {l} -> {l + 1}: before {curves['per_layer'][0, l, K - 1]:.3f}   after {after['per_layer'][0, l, K - 1]:.3f}")
+
+# %% [markdown]
+# The gap is concentrated at the first layer: layer 0's experts change the residual stream the
+# most (it starts as a bare token embedding), so a guess made before them is poor. Further on,
+# "before" and "after" recall about the same, and "before" starts its copies earlier. So the
+# engine's default, `guess_from="auto"` (`moe_colab.engine.prefetch.guess_source`), guesses
+# from "after" at layer 0 and from "before" everywhere else:
+
+# %%
+from moe_colab.engine.prefetch import guess_source
+
+rule = [guess_source("auto", l) for l in range(L - 1)]
+print("guess for layer l+1, made at layer l, reads:", {f"{l}->{l + 1}": r for l, r in enumerate(rule)})
+assert model.offload_options.guess_from == "auto"
 
 # %% [markdown]
 # ## 4. Prefetching in front of the LRU cache
@@ -137,32 +163,115 @@ for k in (2, 4):
               f"{r['misses'] + r['prefetches']:6d}")
 
 # %% [markdown]
-# ## 5. The engine with prefetching
-# Now the engine with `experts_on_device=4, prefetch=2`, generating one token at a time as in
-# notebook 03. Its counters: `prefetch_hits` (uses served by a prefetch), `prefetch_wasted`, and
-# the bytes copied. Beside them, the simulator replays the same generated tokens with guesses
-# computed by `guess_experts` from one forward pass over them; the engine made its own guesses
-# step by step, so the two can differ where rounding flips a near-tie between two experts.
+# ## 5. The engine with prefetching, reproduced exactly
+# Now the engine itself (loaded with `prefetch=2` and `guess_from="auto"`), generating one token
+# at a time as in notebook 03. Its counters: `prefetch_hits` (uses served by a prefetch),
+# `prefetches`, `prefetch_wasted` (evicted unused), and the bytes copied. Beside it, the
+# simulator replays the same generated tokens with guesses made by the same rule: for layer
+# `l+1`, from layer `l`'s "after" state when `guess_source("auto", l)` says so, else "before".
+# Guessing from "before" everywhere (the library's plain default for `guess_experts`) is shown too:
+# it does not match, because the engine does not guess that way at layer 0.
 
 # %%
-k, q = 4, 2
-engine = moe_colab.load_model(rt.model, **rt.load_kwargs(experts_on_device=k, prefetch=q))
+from moe_colab.analysis.simulate import simulate_cache
+
+engine = model                                        # the one model
+k, q = engine.moe_cache.experts_on_device, engine.offload_options.prefetch
+cold = not engine.moe_cache.store.swap                # copy mode: the cache can be emptied
+if cold:
+    engine.moe_cache.clear()                          # start empty, as the simulator does
 engine.reset_offload_stats()
 run = moe_colab.record_routing(engine, ids[:1], max_new_tokens=63)
 stats = engine.offload_stats()
-sim = simulate_prefetch(run, guess_experts(model, run.token_ids, count=q), k, q)
 assert stats["hits"] + stats["misses"] == run.num_layers * run.num_tokens * run.top_k
-print(f"{'':10s} {'hits':>6s} {'misses':>6s} {'prefetch hits':>13s} {'wasted':>6s}")
-for name, r in (("engine", stats), ("simulator", sim)):
-    print(f"{name:10s} {r['hits']:6d} {r['misses']:6d} {r['prefetch_hits']:13d} {r['prefetch_wasted']:6d}")
-print(f"engine: {stats['bytes_to_device'] / 2**20:.1f} MiB copied to the device")
-del engine
+
+
+def engine_guesses(model, token_ids, count, guess_from="auto"):
+    """Guesses for layer l (made at layer l-1) from the hidden state the engine's rule names."""
+    by_source = {src: guess_experts(model, token_ids, count=count, source=src) for src in ("before", "after")}
+    g = by_source["before"].clone()
+    for l in range(1, g.shape[0]):
+        g[l] = by_source[guess_source(guess_from, l - 1)][l]
+    return g
+
+
+sim = simulate_prefetch(run, engine_guesses(model, run.token_ids, q), k, q)
+naive = simulate_prefetch(run, guess_experts(model, run.token_ids, count=q), k, q)
+keys = ("hits", "misses", "prefetch_hits", "prefetches", "prefetch_wasted")
+print(f"{'':24s}" + "".join(f"{c:>15s}" for c in keys))
+for name, r in (("engine", stats), ("simulator, auto rule", sim), ("simulator, all 'before'", naive)):
+    print(f"{name:24s}" + "".join(f"{r[c]:15d}" for c in keys))
+if cold:
+    assert all(stats[c] == sim[c] for c in keys), "the simulator with the engine's rule should match it exactly"
+    print("the simulator with guess_from='auto' reproduces every counter of the engine")
+else:   # swap mode (the real Mixtral on a T4): every slot holds an expert, so the cache cannot start empty
+    print("swap mode: the engine's cache started full, the simulator's empty; they differ by the first tokens")
 
 # %% [markdown]
+# ### 5.1 With and without prefetch, on the same tokens
+# Notebook 03 showed that the engine without prefetch does exactly what `simulate_cache`
+# predicts, so the left column replays the same generated tokens through LRU alone (on `tiny`
+# the cell also runs a second, prefetch-free engine to confirm it). Every copy moves one expert
+# buffer.
+
+# %%
+per_copy = stats["bytes_to_device"] // (stats["misses"] + stats["prefetches"])
+lru = simulate_cache(run, k, "lru")
+without = dict(hits=lru["hits"], misses=lru["misses"], prefetch_hits=0, prefetches=0, prefetch_wasted=0)
+if not rt.real_mixtral:                       # tiny: check the left column on a real engine too
+    plain = rt.load_model(prefetch=0)
+    again = moe_colab.record_routing(plain, ids[:1], max_new_tokens=63)
+    assert torch.equal(again.experts, run.experts)           # same tokens, same routing
+    assert (plain.offload_stats()["hits"], plain.offload_stats()["misses"]) == (lru["hits"], lru["misses"])
+    del plain
+rows = [("hits", without["hits"], stats["hits"]), ("  of which prefetch hits", 0, stats["prefetch_hits"]),
+        ("misses (demand copies)", without["misses"], stats["misses"]),
+        ("prefetches (guessed copies)", 0, stats["prefetches"]),
+        ("  of which wasted", 0, stats["prefetch_wasted"]),
+        ("copies in all", without["misses"], stats["misses"] + stats["prefetches"])]
+print(f"{'':30s} {'no prefetch':>12s} {f'prefetch {q}':>12s}")
+for name, a, b in rows:
+    print(f"{name:30s} {a:12d} {b:12d}")
+mib = lambda copies: copies * per_copy / 2**20                       # noqa: E731
+print(f"{'MiB copied to the device':30s} {mib(without['misses']):12.1f} {stats['bytes_to_device'] / 2**20:12.1f}")
+
+# %% [markdown]
+# ### 5.2 When prefetching pays, and when it costs
+# Read the table with the timeline of the paper's section 3.2 in mind (the figure at the top):
+# - **It pays** for every prefetch hit: that expert's copy ran while the previous layer
+#   computed, so the layer found it resident instead of stalling on a demand copy. Demand misses
+#   are what the compute stream waits for; prefetching turned some of them into hits.
+# - **It costs** in two ways. Every wrong guess is a copy for nothing (`prefetch_wasted`, and the
+#   extra MiB above). And a guess occupies a slot: it evicts an expert that LRU alone would have
+#   kept, so some hits of the left column become misses. That is why total hits can *fall* while
+#   stalls fall too: what matters is misses, the copies the layer waits for.
+# - On a GPU the copy stream is one queue: a wasted prefetch issued before a demand copy delays
+#   it. Prefetching is a bet that guesses are right often enough (recall, section 3) and that
+#   the copy link has spare time (notebook 07 draws it).
+#
+# The same numbers as waiting time. A demand miss waits for about one copy; a prefetched expert
+# waits for nothing if its copy finished behind compute. At a T4's ~12 GB/s (pinned, in
+# practice), one expert of the real Mixtral at paper-2bit (notebook 05 builds its buffer) takes:
+
+# %%
+from moe_colab.config import mixtral_config
+from moe_colab.quant import QuantConfig
+from moe_colab.quant.format import expert_format
+
+mixtral_expert = expert_format(mixtral_config("mixtral-8x7b"), QuantConfig(4, 2), torch.float16).layout.nbytes
+t4_copy_ms = mixtral_expert / 12e9 * 1e3
+print(f"one paper-2bit Mixtral expert: {mixtral_expert / 1e6:.1f} MB -> {t4_copy_ms:.1f} ms at 12 GB/s")
+tokens = run.num_tokens
+for name, misses, copies in (("no prefetch", without["misses"], without["misses"]),
+                             (f"prefetch {q}", stats["misses"], stats["misses"] + stats["prefetches"])):
+    print(f"{name:12s}: {misses / tokens:5.2f} demand misses per token -> ~{misses / tokens * t4_copy_ms:5.1f} ms of "
+          f"waiting per token at T4 rates; {copies / tokens:5.2f} copies per token on the link")
+print("(these are this model's counts at Mixtral's copy size: a rate, not a measurement of Mixtral)")
+
 # ## 6. Try it
 # The prefetch slider loads that many guessed experts of each layer early (LRU evicts to make
-# room). Watch the hit ratio: with a small cache, prefetching too many guesses evicts experts
-# that were about to be reused.
+# room). Watch the hit ratio and the timeline as you change the cache size and the prefetch
+# count, then answer exercise 1.
 
 # %%
 from moe_colab.notebook.widgets import cache_explorer
@@ -173,17 +282,74 @@ cache_explorer(trace, cache_size=2, prefetch=1, guesses=guesses)
 # ## Summary
 # - The next layer's router on the current hidden state guesses the next layer's experts far
 #   better than chance one layer ahead, and worse the further ahead it looks.
-# - In front of an LRU cache, prefetched experts turn demand misses into prefetch hits whose
-#   copies overlap computation; wrong guesses cost copies and can evict useful experts.
-# - The engine's counters follow the simulator's on the same tokens.
+# - Layer 0 is the exception: its guess must read the state after its experts. The engine's
+#   `guess_from="auto"` does exactly that, and with the same rule the simulator reproduces every
+#   counter of the engine.
+# - Prefetching turns demand misses (stalls) into prefetch hits (copies hidden behind compute);
+#   it costs wasted copies and slots taken from experts LRU would have kept, so hits can fall
+#   while stalls fall too.
 #
 # ## Exercises
-# 1. With `cache_size=2`, which prefetch count gives the best hit ratio? Why not the largest?
-# 2. Count the copies (misses + prefetches) for `k = 4` with and without prefetch: what does
-#    speculative loading cost in PCIe traffic, and what does it buy?
-# 3. The paper guessed 10 layers ahead too. If your model has enough layers, how fast does recall
-#    fall with distance?
+# 1. With `cache_size = 2`, simulate prefetch counts 0, 1 and 2 (section 4's table has them).
+#    Which count gives the best hit ratio here, and what does it cost in copies? Write the best
+#    count in `answer_1`.
 #
+#    <details><summary>Hint 1</summary>
+#
+#    `simulate_prefetch(trace, guesses, 2, p)` for `p` in `0..2`; compare `hit_ratio`, and
+#    `misses + prefetches` for the copies.
+#    </details>
+#    <details><summary>Solution 1</summary>
+#
+#    `max(range(3), key=lambda p: simulate_prefetch(trace, guesses, 2, p)["hit_ratio"])`. On
+#    `tiny` the largest count has the best hit ratio, but it also makes the most copies: a
+#    higher hit ratio is not free. With a cache of 2, two guesses fill every slot, so whenever a
+#    guess is wrong the token's other expert has just been evicted.
+#    </details>
+#
+# 2. In section 5.1, by what factor did prefetching multiply the copies (all copies with
+#    prefetch, divided by copies without)? Write it in `answer_2`. What did those copies buy?
+#
+#    <details><summary>Hint 2</summary>
+#
+#    The last row of the table: `(stats["misses"] + stats["prefetches"]) / without["misses"]`.
+#    </details>
+#    <details><summary>Solution 2</summary>
+#
+#    The ratio is printed by the check below once you answer. They bought fewer demand misses
+#    (`without["misses"] - stats["misses"]` fewer stalls); whether that is faster depends on
+#    whether the link had spare time for the extra copies: notebook 07 draws it.
+#    </details>
+#
+# 3. The paper's Figure 2 (right) guesses 1, 2 and 10 layers ahead. On this model, how much
+#    recall (with `p = top_k` guesses) is lost going from 1 to 2 layers ahead? Write the
+#    difference in `answer_3`.
+#
+#    <details><summary>Hint 3</summary>
+#
+#    `curves["recall"]` has one row per `ahead` value (`curves["ahead"]`), column `p - 1`.
+#    </details>
+#    <details><summary>Solution 3</summary>
+#
+#    `curves["recall"][0, K - 1] - curves["recall"][1, K - 1]` (if the model has more than two
+#    layers). The residual stream drifts with every layer, so guesses made further ahead are worse.
+#    </details>
+
+# %%
+from moe_colab.notebook.exercises import check
+
+answer_1 = None   # best prefetch count with a cache of 2
+answer_2 = None   # copies with prefetch / copies without
+answer_3 = None   # recall lost from 1 to 2 layers ahead
+check(answer_1, max(range(3), key=lambda p: simulate_prefetch(trace, guesses, 2, p)["hit_ratio"]), rel=0,
+      name="exercise 1")
+check(answer_2, (stats["misses"] + stats["prefetches"]) / without["misses"], name="exercise 2")
+if len(curves["ahead"]) > 1:
+    check(answer_3, (curves["recall"][0, K - 1] - curves["recall"][1, K - 1]).item(), rel=0.05, abs_tol=0.005,
+          name="exercise 3")
+
+# %% [markdown]
 # ## What's next
-# Back to the index: {{badge 00_index}}. The quantization notebook (05) and the full
-# Mixtral-8x7B on a T4 (06) build on these two ideas.
+# **05 Mixed quantization** makes every copy counted here about five times smaller:
+# {{badge 05_mixed_quantization}}. To watch copies and compute overlap in time, see
+# **07 Inside the engine**: {{badge 07_inside_the_engine}}

@@ -7,27 +7,26 @@
 # 87 GiB, and a Colab machine has a 15 GiB T4 and 12.7 GB of RAM. The paper (Eliseev & Mazur,
 # arXiv 2312.17238, section 3.3) also quantizes it with HQQ, and **mixes** bit widths: the
 # attention layers, small but used by every token, keep 4 bits; the experts, 96.6 % of the
-# parameters, drop to 2 or 3 bits. This notebook measures what that buys and what it costs,
-# on the real library: sizes for Mixtral, one matrix taken apart byte by byte, a model quantized,
-# offloaded and run, perplexity, and the planner's verdict for a T4.
+# parameters, drop to 2 or 3 bits. This notebook measures what that buys, on the real library:
+# sizes for Mixtral against the paper's Table 1, and one matrix taken apart byte by byte. Its
+# sequel, **05b**, quantizes a whole model, runs it offloaded, measures what it costs in
+# perplexity and asks the planner what fits a T4.
+#
+# ![One quantized expert: codes, 8-bit scales and zeros, meta-scales, in one buffer](figures/quant_layout.svg)
 #
 # ## Objectives
 # - Recompute the size column of the paper's Table 1 for all 16 (attention, experts) pairs.
 # - Quantize one expert matrix with HQQ, read its codes, scales and zeros, and dequantize it by
 #   hand, bit for bit equal to the library.
 # - Count the bits per parameter of each scheme, scales and zeros included.
-# - Quantize `tiny` once, load it offloaded, generate, and read `offload_stats()`.
-# - Measure perplexity for every pair beside the paper's, and see which schemes fit a T4.
 #
 # ## What you need
-# - Any CPU: everything that runs a model uses the small `tiny` model (about a minute);
-#   the Mixtral sizes and plans are computed from its shapes, nothing is downloaded.
-# - Notebook 03 (the expert cache) explains `offload_stats()`.
-# - Optional: a GPU and `USE_REAL_MIXTRAL = True` run the `tiny` sections on the GPU and add
-#   section 7, which loads the 2-bit Mixtral-8x7B-Instruct itself.
+# - Any CPU (seconds): one matrix of the small `tiny` model; the Mixtral sizes are computed from
+#   its shapes, nothing is downloaded. This notebook needs no GPU even for the real model: with
+#   `USE_REAL_MIXTRAL = True` on a GPU it only runs the same matrices there.
 
 # %%
-USE_REAL_MIXTRAL = False   # True: also load Mixtral-8x7B-Instruct (section 7), only if a GPU is present
+USE_REAL_MIXTRAL = False   # True: run on the GPU if one is present (the sizes are Mixtral's either way)
 
 # %% tags=["setup"]
 
@@ -69,8 +68,10 @@ for (a, e), paper in PAPER_TABLE1_GIB.items():
 #   second decimal: attention is 1.3B parameters, so even 2-bit attention saves only 2 GiB.
 # - The experts decide the size: 87 GiB at 16 bits, 17-19 GiB at 2 bits.
 # - Our 3-bit rows are 13-15 % smaller than the paper's. The hqq 0.1 library the paper used
-#   packed 3-bit codes 10 to a 32-bit word (3.5 bits per weight); we pack exactly 3 bits.
-#   Counted at 3.5 bits (last column) every row is within 3 % of the paper. The remaining
+#   packed 3-bit codes 10 to a 32-bit word, which alone would be 3.2 bits per weight; but it
+#   packed along each group of 64 weights padded to 70 codes, 7 words, so 224 bits per 64
+#   weights: 3.5 bits per weight. We pack exactly 3 bits. Counted at 3.5 bits (last column)
+#   every row is within 3 % of the paper. The remaining
 #   0.4-0.5 GiB that the paper's quantized-expert rows carry beyond ours is unexplained
 #   (`docs/quantization.md` discusses it).
 #
@@ -78,6 +79,8 @@ for (a, e), paper in PAPER_TABLE1_GIB.items():
 
 # %%
 import plotly.graph_objects as go
+
+from moe_colab.notebook.widgets import show
 
 pairs = list(PAPER_TABLE1_GIB)
 labels = [f"{name(a)} / {name(e)}" for a, e in pairs]
@@ -89,7 +92,7 @@ fig.add_hline(y=15, line_dash="dash", annotation_text="T4: 15 GiB")
 fig.add_hline(y=12.7e9 / GiB, line_dash="dot", annotation_text="Colab RAM: 12.7 GB", annotation_position="bottom right")
 fig.update_layout(title="Mixtral-8x7B size by (attention / experts) scheme", yaxis_title="GiB",
                   barmode="group", height=420)
-fig
+show(fig)
 
 # %% [markdown]
 # ## 2. HQQ on one matrix
@@ -106,16 +109,13 @@ fig
 # no calibration text, only the weights.
 
 # %%
-from transformers import AutoTokenizer
-
 from moe_colab.adapters.mixtral import MixtralAdapter as A
 from moe_colab.checkpoint import resolve
 from moe_colab.quant import packing
 from moe_colab.quant.matrix import hqq_quantize
 
-SMALL = "tiny" if rt.real_mixtral else rt.model       # sections 2-6 always use a small model
+SMALL = "tiny" if rt.real_mixtral else rt.model       # one matrix of a small model
 small_dir = resolve(SMALL)
-tokenizer = AutoTokenizer.from_pretrained(small_dir)
 dense = A.model_class().from_pretrained(str(small_dir), dtype=torch.float32).eval()   # resident, 16-bit weights
 cfg = dense.config
 experts0 = A.moe_block(A.decoder_layers(dense)[0]).experts
@@ -251,210 +251,77 @@ print(f"\nthe paper's 4-bit/2-bit size, 17.54 GiB for 46.7B parameters: {whole:.
 
 # %% [markdown]
 # The paper's text says the 2-bit scheme takes "on average, 2.6 bits per parameter". Counting
-# every stored byte we get 3.03 for the experts, and the paper's own Table 1 size works out to
-# 3.2 bits per parameter over the whole model; we could not reproduce the 2.6.
-
-# %% [markdown]
-# ## 4. Quantize once, load, generate
-# `moe_colab.quantize(src, dst, quant)` streams a checkpoint tensor by tensor and writes the
-# quantized model to a directory, resumably; `load_model(dst)` then reads the scheme from the
-# directory's manifest. Each expert (its `w1`, `w2`, `w3` with their codes, scales and zeros)
-# is one byte buffer, so moving it to the GPU is still **one** copy. For Mixtral this takes
-# about an hour on a T4 (notebook 06); for `tiny` a few seconds.
-
-# %%
-import json
-import math
-import tempfile
-import time
-from pathlib import Path
-
-from moe_colab.convert.manifest import MANIFEST
-
-qdir = Path(tempfile.mkdtemp()) / "tiny-paper-2bit"
-start = time.perf_counter()
-moe_colab.quantize(SMALL, qdir, quant="paper-2bit", device=rt.device, progress=False)
-print(f"quantized {SMALL!r} in {time.perf_counter() - start:.1f} s into {qdir}")
-manifest = json.loads((qdir / MANIFEST).read_text())
-for f, entry in manifest["files"].items():
-    print(f"  {f:24s} {entry['size'] / 2**20:6.2f} MiB")
-
-# the tensors written, counted from the manifest, equal estimate_size exactly
-dtype_bytes = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1}
-written = sum(math.prod(t_["shape"]) * dtype_bytes[t_["dtype"]]
-              for entry in manifest["files"].values() for t_ in entry["tensors"].values())
-estimate = moe_colab.estimate_size(cfg, "paper-2bit")
-print(f"tensors written {written / 2**20:.3f} MiB, estimate_size {estimate / 2**20:.3f} MiB, "
-      f"16-bit {moe_colab.estimate_size(cfg) / 2**20:.3f} MiB")
-assert written == estimate
-
-# %% [markdown]
-# Now load it with 4 of the 8 experts of each layer on the device and 2 prefetched, generate,
-# and read what the cache did. Every miss copies one packed expert: `bytes_to_device / misses`
-# is the size of one 2-bit expert buffer (`manifest["expert_nbytes"]`).
-
-# %%
-qmodel = moe_colab.load_model(qdir, device=rt.device, dtype=rt.dtype, experts_on_device=4, prefetch=2,
-                              progress=False)
-ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids.to(qmodel.device)
-qmodel.reset_offload_stats()
-out = qmodel.generate(ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-print(tokenizer.decode(out[0], skip_special_tokens=True))
-stats = qmodel.offload_stats()
-print(stats)
-copies = stats["misses"] + stats["prefetches"]
-per_copy = stats["bytes_to_device"] / copies
-dense_expert = 3 * cfg.hidden_size * cfg.intermediate_size * 2
-print(f"one copy: {per_copy:.0f} bytes (the 2-bit expert buffer is {manifest['expert_nbytes']}; "
-      f"a 16-bit expert would be {dense_expert}, {dense_expert / manifest['expert_nbytes']:.1f}x more)")
-assert per_copy == manifest["expert_nbytes"]
-
-# %% [markdown]
-# ## 5. What it costs: perplexity
-# Perplexity is `exp` of the mean next-token loss on text the model did not train on: lower is
-# better. `tiny` was trained on Python's standard library minus a held-out 2 % of its files
-# (`moe_colab.tiny.data`); we score the first `N_TOKENS` tokens of those held-out files.
-# `perplexity_table` quantizes the attention and the experts of one resident model at each bit
-# width and swaps them in and out, so all 16 pairs take seconds.
-
-# %%
-from moe_colab.quant.perplexity import perplexity, perplexity_table
-from moe_colab.tiny.data import read_sources, stdlib_files
-
-_, heldout, stdlib = stdlib_files()
-text = "\n".join(read_sources(heldout))
-N_TOKENS = 768                                        # 3 windows of 256: seconds on a CPU
-tokens = torch.tensor(tokenizer(text).input_ids[:N_TOKENS])
-print(f"held-out text: {len(heldout)} files of {stdlib} ({', '.join(p.name for p in heldout[:4])}, ...), "
-      f"{tokens.numel()} tokens scored")
-seq_len = min(256, cfg.max_position_embeddings)
-dense = dense.to(device=rt.device, dtype=rt.dtype)
-start = time.perf_counter()
-ppl = perplexity_table(dense, tokens, seq_len=seq_len, progress=False)
-print(f"16 pairs in {time.perf_counter() - start:.1f} s")
-
-# %%
-PAPER_WIKI2 = {   # the paper's Table 1, WikiText2 perplexity of Mixtral-8x7B (base)
-    (16, 16): 3.59, (16, 4): 3.67, (16, 3): 3.96, (16, 2): 4.52,
-    (4, 16): 3.68, (4, 4): 3.76, (4, 3): 4.05, (4, 2): 4.61,
-    (3, 16): 3.99, (3, 4): 4.06, (3, 3): 4.34, (3, 2): 4.90,
-    (2, 16): 4.98, (2, 4): 5.08, (2, 3): 5.36, (2, 2): 5.97,
-}
-print(f"ours: {SMALL!r} ({n_params / 1e6:.1f}M parameters) on {tokens.numel()} held-out stdlib tokens | "
-      f"paper: Mixtral-8x7B on WikiText2")
-print(f"{'Attn':>5} {'Experts':>7} | {'ours':>7} {'vs FP16':>8} | {'paper':>5} {'vs FP16':>8}")
-for (a, e), theirs in PAPER_WIKI2.items():
-    mine = ppl[(a, e)]
-    print(f"{name(a):>5} {name(e):>7} | {mine:7.3f} {100 * (mine / ppl[(16, 16)] - 1):+7.1f}% | "
-          f"{theirs:5.2f} {100 * (theirs / PAPER_WIKI2[(16, 16)] - 1):+7.1f}%")
-
-# fewer bits in one part (the other part unchanged) should not score better: list any pair that does
-BITS = (16, 4, 3, 2)
-out_of_order = [f"{name(a)}/{name(e)} < {name(a2)}/{name(e2)}" for a, e in ppl for a2, e2 in ppl
-                if ((a == a2 and BITS.index(e) > BITS.index(e2)) or (e == e2 and BITS.index(a) > BITS.index(a2)))
-                and ppl[(a, e)] < ppl[(a2, e2)]]
-print(f"on {tokens.numel()} tokens, fewer bits scored better in: {', '.join(out_of_order) or 'no pair'}")
-
-# %% [markdown]
-# The two columns come from different models and texts, so compare the **changes**, not the
-# values. For Mixtral the paper measured +28 % perplexity for its Colab scheme (4-bit attention,
-# 2-bit experts) and +66 % with everything at 2 bits, attention being the more sensitive part
-# per parameter. On `tiny` the changes are far smaller, so small that a few hundred tokens need
-# not put them in order (the last line above names any pair where fewer bits scored better).
-# With 8,192 held-out tokens (half a minute on one CPU core; exercise 1), on the `tiny` of 2,000
-# training steps, every pair was in the expected order and the largest change, 2-bit attention
-# with 2-bit experts, was +4.3 %. A model of 9 million parameters is far from Mixtral: treat its
-# column as a test that the whole path works, not as a prediction for Mixtral.
-#
-# One more check: the offloaded engine from section 4, reading the quantized directory, computes
-# the same model as `perplexity_table`'s in-memory 4-bit/2-bit variant.
-
-# %%
-engine_ppl = perplexity(qmodel, tokens, seq_len=seq_len)
-print(f"offloaded paper-2bit: {engine_ppl:.4f}; in memory (4-bit attention, 2-bit experts): {ppl[(4, 2)]:.4f}")
-assert abs(engine_ppl - ppl[(4, 2)]) <= (1e-6 if rt.device == "cpu" else 1e-2) * ppl[(4, 2)]
-
-# %% [markdown]
-# ## 6. What fits on a free Colab T4
-# `moe_colab.plan` adds up, from shapes alone, what the GPU needs (trunk, expert slots, KV cache
-# for 4096 tokens, activations, a margin) and what the host needs (the experts that are not on
-# the GPU), and picks the largest number of experts per layer that fits. Colab's free tier: a
-# 15 GiB T4 and 12.7 GB of RAM.
-
-# %%
-from moe_colab.planner import COLAB_T4, PlanError
-
-print(f"budgets: GPU {COLAB_T4['device_bytes'] / GiB:.0f} GiB, host {COLAB_T4['host_bytes'] / 1e9:.1f} GB")
-verdicts = {}
-for quant in ("paper-2bit", "paper-3bit", None):
-    try:
-        p = moe_colab.plan("mixtral-8x7b", quant=quant, device="cuda", **COLAB_T4)
-        verdicts[quant] = p.experts_on_device
-        print(f"\n{p}")
-    except PlanError as e:
-        verdicts[quant] = None
-        print(f"\n16-bit: refused.\n{e}")
-assert verdicts["paper-2bit"] and verdicts["paper-3bit"] and verdicts[None] is None
-
-# %% [markdown]
-# Both of the paper's schemes fit with 5 of 8 experts per layer on the GPU, in **swap mode**: an
-# expert lives on the GPU *or* in host memory, because 12.7 GB of RAM cannot hold all 256
-# experts beside everything else. 16-bit is refused before anything is allocated, and the
-# message says by how much and what would fit instead. `load_model(..., experts_on_device="auto")`
-# runs the same plan. (The paper's demo kept 4 experts per layer and quoted ~16 GB of GPU memory
-# and ~11 GB of RAM.)
-
-# %% [markdown]
-# ## 7. The real model (GPU only)
-# With `USE_REAL_MIXTRAL = True` on a GPU, this loads Mixtral-8x7B-Instruct at 4-bit attention
-# and 2-bit experts and checks that one expert copy is the size computed in section 1. Set the
-# environment variable `MOE_COLAB_MIXTRAL` to a directory that notebook 06 quantized (e.g. on
-# Google Drive) first; otherwise `load_model` downloads the 93 GB original and quantizes it
-# while loading. Without a GPU the cell says so and does nothing.
-
-# %%
-if rt.real_mixtral:
-    from moe_colab.quant.format import expert_format
-
-    real = moe_colab.load_model(rt.model, **rt.load_kwargs(experts_on_device="auto"))
-    real_dir = resolve(rt.model)
-    real_tok = AutoTokenizer.from_pretrained(real_dir if (real_dir / "tokenizer_config.json").is_file()
-                                             else "mistralai/Mixtral-8x7B-Instruct-v0.1")
-    ids = real_tok("[INST] What is 2-bit quantization? [/INST]", return_tensors="pt").input_ids.to(real.device)
-    real.reset_offload_stats()
-    out = real.generate(ids, max_new_tokens=32, do_sample=False)
-    print(real_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    s = real.offload_stats()
-    nbytes = expert_format(mixtral, QuantConfig(4, 2), torch.float16).layout.nbytes     # paper-2bit
-    print(s, f"\none copy: {s['bytes_to_device'] / max(s['misses'] + s['prefetches'], 1) / 2**20:.2f} MiB; "
-             f"a paper-2bit expert is {nbytes / 2**20:.2f} MiB")
-else:
-    print("skipped: needs a GPU and USE_REAL_MIXTRAL = True (sections 2-6 used 'tiny')")
+# every stored byte we get 3.03 for the experts, and the paper's own Table 1 size (4-bit / 2-bit,
+# 17.54) works out to 3.2 bits per parameter over the whole model; we could not reproduce the
+# 2.6, so the other notebooks use 3.03.
 
 # %% [markdown]
 # ## Summary
 # - Experts are 96.6 % of Mixtral's parameters, so their bit width sets the size: 87 GiB in
-#   16-bit, 17.1 GiB with 4-bit attention and 2-bit experts (the paper: 17.54 GiB).
+#   16-bit, 17.1 GiB with 4-bit attention and 2-bit experts (the paper's Table 1: 17.54).
 # - HQQ stores a code per weight plus a scale and a zero per group; quantizing those to 8 bits
 #   brings the paper's 2-bit scheme to 3.03 bits per weight at almost no cost in accuracy.
 # - The format is simple enough to dequantize by hand, bit for bit equal to the library; an
 #   expert stays one buffer, one copy.
-# - On `tiny` every scheme costs little perplexity; on Mixtral the paper measured +28 % for
-#   its Colab scheme (4-bit attention, 2-bit experts). With it (or 3-bit experts), 5 experts per layer fit on a T4;
-#   16-bit does not fit at all.
 #
 # ## Exercises
-# 1. Set `N_TOKENS = 8192` in section 5 and rerun it. Are the rows now in the order you expect
-#    (fewer bits, higher perplexity)? Which part hurts `tiny` more per bit, attention or experts?
-# 2. In section 2, quantize `W` with 2 bits and group 64 instead of 16
-#    (`hqq_quantize(W, 2, 64)`). How do the error and the bits per weight change?
-# 3. Write `rtn` with the scale and zero stored in 8 bits (`packing.meta_quantize`), and compare
-#    its error with HQQ's at 2 bits.
-# 4. Which scheme is better for the same size: 3-bit attention with 2-bit experts, or 2-bit
-#    attention with 3-bit experts? Use the size table and the paper's perplexities.
-# 5. Run `moe_colab.plan("mixtral-8x7b", quant="paper-2bit", device="cuda", device_bytes=12 * 2**30,
-#    host_bytes=32e9)` (an RTX 3060 laptop). How many experts per layer, and why copy mode?
+# 1. In section 2, quantize `W` with 2 bits and group 64 instead of 16 (`hqq_quantize(W, 2, 64)`).
+#    By how much does the relative error grow (the ratio of the two errors)? Write it in
+#    `answer_1`. How do the bits per weight change?
 #
+#    <details><summary>Hint 1</summary>
+#
+#    `rel(packing.dequantize_codes(*hqq_quantize(W, 2, 64), 64, tuple(W.shape)))`, and the same
+#    with 16; for the bits, `bits_per_weight(2, 64, 128)` against `bits_per_weight(2, 16, 128)`.
+#    </details>
+#    <details><summary>Solution 1</summary>
+#
+#    The error grows (fewer scales and zeros fit the weights less closely) while the bits per
+#    weight fall from 3.03 to about 2.25: group 16 spends a whole bit per weight on scales and
+#    zeros, which is what the paper paid for accuracy at 2 bits.
+#    </details>
+#
+# 2. Write `rtn` with its scale and zero stored in 8 bits (`packing.meta_quantize`), and compare
+#    its error with HQQ's at 2 bits, group 16.
+#
+#    <details><summary>Hint 2</summary>
+#
+#    `quantize_matrix` already does HQQ with 8-bit scales and zeros; for RTN, quantize `S` and `Z`
+#    from `rtn(W, 2, 16)` with `packing.meta_quantize` and dequantize them back before `(Q - Z) * S`.
+#    </details>
+#    <details><summary>Solution 2</summary>
+#
+#    The 8-bit meta-quantization moves both errors only in the fourth decimal (section 2.2
+#    showed it for HQQ), so HQQ stays clearly better than RTN at 2 bits: the gain comes from
+#    choosing the zeros, not from how they are stored.
+#    </details>
+#
+# 3. Which scheme is better for about the same size: 3-bit attention with 2-bit experts, or
+#    2-bit attention with 3-bit experts? Use the size table and the paper's Table 1 perplexities
+#    (WikiText2: 4.90 and 5.36). Write the GiB the second scheme costs beyond the first (ours)
+#    in `answer_3`.
+#
+#    <details><summary>Hint 3</summary>
+#
+#    `moe_colab.estimate_size(mixtral, QuantConfig(a, e)) / GiB` for `(3, 2)` and `(2, 3)`.
+#    </details>
+#    <details><summary>Solution 3</summary>
+#
+#    3-bit attention / 2-bit experts is smaller *and* better (4.90 against 5.36): attention is
+#    small, so its bits are cheap, and it is more sensitive per parameter than the experts.
+#    </details>
+
+# %%
+from moe_colab.notebook.exercises import check
+
+answer_1 = None   # error(2-bit, g64) / error(2-bit, g16)
+answer_3 = None   # GiB of (2-bit attn, 3-bit experts) minus (3-bit attn, 2-bit experts)
+err = lambda g: rel(packing.dequantize_codes(*hqq_quantize(W, 2, g), g, tuple(W.shape)))   # noqa: E731
+check(answer_1, err(64) / err(16), rel=0.05, name="exercise 1")
+check(answer_3, (moe_colab.estimate_size(mixtral, QuantConfig(2, 3)) - moe_colab.estimate_size(mixtral, QuantConfig(3, 2)))
+      / GiB, name="exercise 3")
+
+# %% [markdown]
 # ## What's next
-# **06 Mixtral on a T4** puts it all together: the planner, 2-bit weights quantized shard by
-# shard onto Google Drive, the offloaded model, and a chat with it: {{badge 06_mixtral_on_a_t4}}
+# **05b Quantized for real** quantizes `tiny` whole, runs it offloaded, measures what each
+# scheme costs in perplexity and asks the planner what fits a free T4: {{badge 05b_quantized_model}}

@@ -12,18 +12,30 @@
 #
 # ## Objectives
 # - Ask `moe_colab.plan` what fits before allocating anything, and read why 16-bit cannot.
-# - Quantize the original checkpoint shard by shard into Google Drive (resumable), or convert
-#   the paper authors' own 2-bit checkpoint.
+# - Get 2-bit weights onto the machine: convert the paper authors' published 2-bit checkpoint
+#   (the default), or quantize the original checkpoint yourself, shard by shard.
 # - Load with the planned number of experts per layer, chat with streaming, and measure the
 #   cache's hit ratio and the tokens per second.
 #
 # ## What you need
 # - Any CPU: without a GPU (or with `USE_REAL_MIXTRAL = False`) the same cells run on the small
 #   `tiny` model, quantized the same way in seconds, and say so (about a minute in all).
-# - For the real model: a Colab T4 GPU runtime, `USE_REAL_MIXTRAL = True`, and Google Drive
-#   with ~25 GB free. The first run downloads ~93 GB one shard at a time and quantizes it (allow
-#   an hour or more; Drive keeps the result, and a disconnected run resumes where it stopped).
-#   Later runs load from Drive in minutes.
+# - For the real model: a Colab T4 GPU runtime (Runtime → Change runtime type → T4 GPU) and
+#   `USE_REAL_MIXTRAL = True`. Two ways to get the weights, both onto Colab's local disk (about
+#   100 GB; no Google Drive needed, and a free Drive's 15 GB could not keep the ~18 GiB result):
+#
+#   | `WEIGHTS` | source | token | download | disk while working | first run |
+#   |---|---|---|---|---|---|
+#   | `"authors"` (default) | `lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo`, the checkpoint the paper's demo loads | none (public) | ~18 GB in 257 files (256 experts of 66.4 MB, one trunk file) | result ~18 GiB + one file | download + dequantize and re-quantize each file |
+#   | `"mistral"` | `mistralai/Mixtral-8x7B-Instruct-v0.1`, the original | yes (gated: accept the conditions on the model page) | ~93 GB in 19 shards of ~4.9 GB | result ~18 GiB + one shard | download + quantize with HQQ |
+#
+#   The download takes size / your Colab's bandwidth (commonly 50-200 MB/s: a few minutes for
+#   the authors' files, 8-30 minutes for the original); the quantization runs on the T4 and we
+#   have not timed it there, so allow an hour for a first run. Both resume where they stopped
+#   after a disconnect, and every other notebook reuses the result. The tokenizer (about 2 MB,
+#   tokenizer files only) comes from the gated `mistralai` repository in both cases: store a
+#   Hugging Face token as Colab's secret `HF_TOKEN` (key icon on the left) after accepting the
+#   conditions.
 # - Notebooks 03 (the LRU cache), 04 (speculative loading) and 05 (quantization) explain the
 #   parts; this one only uses them.
 
@@ -34,6 +46,9 @@ USE_REAL_MIXTRAL = False   # True: Mixtral-8x7B-Instruct, only if a GPU is prese
 
 # %% [markdown]
 # ## 1. The plan, before anything is allocated
+#
+# ![Mixtral-8x7B on a free Colab T4: what goes where](figures/t4_plan.svg)
+#
 # A model needs GPU memory for its trunk (embeddings, attention, norms, routers), for the expert
 # slots (layers × experts per layer × one packed expert), for the KV cache and for activations;
 # and host memory for the experts that are not on the GPU. `moe_colab.plan` adds these up from
@@ -72,35 +87,33 @@ except PlanError as e:
 
 # %% [markdown]
 # ## 2. Weights for this machine
-# On a GPU with `USE_REAL_MIXTRAL = True`: quantize the original checkpoint one shard at a time
-# (download a shard, quantize it, keep the finished layers, delete the shard). The result goes to
-# Google Drive if it is mounted, so it survives the runtime; rerunning the cell resumes.
-# `WEIGHTS = "authors"` converts the 2-bit checkpoint the paper's authors published instead
-# (their HQQ 0.1 groups differ from ours, so it is dequantized and quantized again).
+# On a GPU with `USE_REAL_MIXTRAL = True`: `real_weights(WEIGHTS)` makes the shared pre-quantized
+# directory once (see the table above), and finds it on every later run. `"authors"` converts the
+# 2-bit checkpoint the paper's authors published (their HQQ 0.1 groups differ from ours, so each
+# matrix is dequantized and quantized again); `"mistral"` quantizes the original checkpoint one
+# shard at a time (download a shard, quantize it, keep the finished layers, delete the shard).
 #
 # Otherwise the same function that writes Mixtral's directory, `moe_colab.quantize`, writes a
 # 2-bit `tiny` into a temporary directory, and every cell below runs on it.
 
 # %%
+import os
 import tempfile
 from pathlib import Path
 
-WEIGHTS = "original"           # "original": quantize mistralai's checkpoint; "authors": convert theirs
-MIXTRAL_INSTRUCT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+from moe_colab.notebook.runtime import real_weights, real_weights_dir
+
+WEIGHTS = "authors"            # "authors": convert the paper authors' checkpoint; "mistral": quantize the original
 if rt.real_mixtral:
-    drive = Path("/content/drive/MyDrive")
-    if rt.colab and not drive.exists():
-        from google.colab import drive as gdrive
-        gdrive.mount("/content/drive")
-    out = (drive if drive.exists() else Path.home()) / "moe_colab" / f"mixtral-8x7b-instruct-2bit-{WEIGHTS}"
-    scratch = "/content/shards" if rt.colab else None      # local disk for one shard, not Drive
-    if WEIGHTS == "authors":
-        from moe_colab.convert.authors import convert_authors_checkpoint
-        weights = convert_authors_checkpoint(out, quant="paper-2bit", scratch=scratch)
-    else:
-        from moe_colab.convert.hub import quantize_from_hub
-        weights = quantize_from_hub(MIXTRAL_INSTRUCT, out, "paper-2bit", scratch=scratch)
-    source = MIXTRAL_INSTRUCT
+    if rt.colab and not os.environ.get("HF_TOKEN"):      # the gated tokenizer (and the "mistral" weights)
+        from google.colab import userdata
+        try:
+            os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")
+        except Exception as e:                          # no secret: the tokenizer download will say so
+            print(f"no HF_TOKEN secret ({type(e).__name__}); add one to download the tokenizer")
+    print(f"weights go to {real_weights_dir(WEIGHTS)}")
+    weights = real_weights(WEIGHTS)
+    source = "Mixtral-8x7B-Instruct"
 else:
     source = rt.model
     weights = moe_colab.quantize(source, Path(tempfile.mkdtemp()) / f"{source}-2bit".replace("/", "_"),
@@ -131,12 +144,13 @@ else:
     print(f"rehearsing the T4 plan for Mixtral on {source!r}: {t4.experts_on_device} of 8 experts per layer"
           f"{', swap mode' if t4.swap else ''}")
 print(p)
-model = moe_colab.load_model(weights, device=rt.device, dtype=rt.dtype, prefetch=2, progress=False,
-                             **p.load_kwargs())
-# the tokenizer: copied next to the weights, else the Hub id (tokenizer files only), else tiny's own
-tokenizer_dir = (weights if (Path(weights) / "tokenizer_config.json").is_file()
-                 else source if rt.real_mixtral else resolve(source))
-tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+if rt.real_mixtral:
+    model = rt.load_model(WEIGHTS, prefetch=2)       # the same plan: experts_on_device="auto"
+    tokenizer = rt.tokenizer(WEIGHTS)                # tokenizer files only
+else:
+    model = moe_colab.load_model(weights, device=rt.device, dtype=rt.dtype, prefetch=2, progress=False,
+                                 **p.load_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(resolve(source))
 print(f"\nloaded {source}: {model.moe_cache.experts_on_device} of {model.config.num_local_experts} experts per "
       f"layer on {rt.device}, {model.moe_cache.device_bytes / 2**20:.1f} MiB of expert slots")
 
@@ -273,22 +287,84 @@ else:
 # - `moe_colab.plan` decides, from shapes alone, how many experts per layer fit and whether the
 #   host can keep a copy of every expert; on a T4 it picks 5 experts per layer in swap mode at
 #   2 or 3 bits, and refuses 16-bit Mixtral with the numbers.
-# - Quantizing shard by shard keeps disk and RAM bounded and survives disconnects; on a CPU the
-#   same path quantizes `tiny` in seconds.
+# - The weights arrive once per machine (the authors' public checkpoint by default, or your own
+#   quantization of the original), one file at a time, resumably, on Colab's local disk; on a
+#   CPU the same path quantizes `tiny` in seconds.
 # - The offloaded model is an ordinary transformers model: chat templates, streaming and
 #   `generate` work as usual, and `offload_stats()` tells what the cache did.
 #
 # ## Exercises
-# 1. Load with one expert per layer fewer than the plan (`experts_on_device=p.experts_on_device - 1`):
-#    how do the hit ratio and the decoding rate change? (On `tiny`, also try all 8.)
-# 2. Load with `prefetch=0` and compare the decoding rate with `prefetch=2` (the paper's Table 2,
-#    "W/o expert pre-loading").
-# 3. Ask `moe_colab.plan` for Mixtral at paper-2bit with a 16k-token context on a T4
-#    (`max_context=16384`): what does it suggest?
-# 4. On a GPU, set `moe_colab.engine.graphs.ENABLED = True` (CUDA graphs for one-token matmuls, off by
-#    default: `docs/benchmark_notes.md`) and ask the same question again: does decoding get
-#    faster on a T4, where copies rather than kernel launches take most of the time?
+# 1. Load with one expert per layer fewer than the plan (`experts_on_device=p.experts_on_device - 1`)
+#    and ask the first question again: how do the hit ratio and the decoding rate change?
+#    (On `tiny`, also try all 8.)
 #
+#    <details><summary>Hint 1</summary>
+#
+#    `m = moe_colab.load_model(weights, device=rt.device, dtype=rt.dtype, experts_on_device=p.experts_on_device - 1, swap=p.swap)`;
+#    on the real model free the first one first (`del model; torch.cuda.empty_cache()`): the T4
+#    cannot hold two.
+#    </details>
+#    <details><summary>Solution 1</summary>
+#
+#    Fewer slots, lower hit ratio, more copies per token: on a T4, where copies set the pace,
+#    decoding slows roughly in proportion to the extra misses. With all 8 on `tiny` nothing is
+#    copied after the first token.
+#    </details>
+#
+# 2. Load with `prefetch=0` and compare the decoding rate with `prefetch=2` (the paper's Table 2,
+#    "W/o expert pre-loading": 1.567 against 2.092 tokens/s on a T4 at 2-bit).
+#
+#    <details><summary>Hint 2</summary>
+#
+#    As in exercise 1, with `prefetch=0`; compare `decode` from `chat(...)`.
+#    </details>
+#    <details><summary>Solution 2</summary>
+#
+#    On a T4 prefetching should help, as in the paper, when its guesses are right often enough
+#    (notebook 04) and the copy link has idle time (notebook 07). On a CPU with `tiny` the copies
+#    are tiny memory copies, so the difference is noise.
+#    </details>
+#
+# 3. Ask `moe_colab.plan` for Mixtral at paper-2bit with a 16k-token context on a T4
+#    (`max_context=16384`). How many experts per layer does it keep on the GPU? Write it in
+#    `answer_3`.
+#
+#    <details><summary>Hint 3</summary>
+#
+#    `moe_colab.plan("mixtral-8x7b", quant="paper-2bit", device="cuda", max_context=16384, **COLAB_T4)`;
+#    the KV cache grows with the context and takes GPU memory from the expert slots.
+#    </details>
+#    <details><summary>Solution 3</summary>
+#
+#    Fewer than the 5 of a 4096-token context: the longer KV cache pushes experts off the GPU.
+#    If it raises `PlanError`, the message says what would fit.
+#    </details>
+#
+# 4. On a GPU, load with `cuda_graphs=False` (CUDA graphs replay one-token matmuls and are on by
+#    default; `docs/benchmark_notes.md`) and ask the same question again: does decoding slow down
+#    on a T4, where copies rather than kernel launches take most of the time?
+#
+#    <details><summary>Hint 4</summary>
+#
+#    `rt.load_model(WEIGHTS, prefetch=2, cuda_graphs=False)` after freeing the first model.
+#    </details>
+#    <details><summary>Solution 4</summary>
+#
+#    Expect a small difference on a T4: graphs save launch time, but the copies dominate there.
+#    On a fast GPU with fast copies (the H200 of `docs/benchmarks.md`) launches matter more.
+#    </details>
+
+# %%
+from moe_colab.notebook.exercises import check
+
+answer_3 = None   # experts per layer on a T4 with a 16k context
+try:
+    long_plan = moe_colab.plan("mixtral-8x7b", quant="paper-2bit", device="cuda", max_context=16384, **COLAB_T4)
+    check(answer_3, long_plan.experts_on_device, rel=0, name="exercise 3")
+except PlanError as e:
+    print("the planner refuses a 16k context on a T4:", str(e).splitlines()[0])
+
+# %% [markdown]
 # ## What's next
 # Back to the index: {{badge 00_index}}. Notebooks 03 and 04 explain the cache and the prefetch
 # whose numbers you just read, and 05 the 2-bit weights.
