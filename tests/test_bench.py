@@ -41,7 +41,8 @@ def test_cpu_run_all_rows(cpu_run):
     for qname in ("paper-2bit", "paper-3bit"):
         q = res["quants"][qname]
         rows = q["rows"]
-        assert set(rows) == {"full", "no_prefetch", "no_cache", "naive"}
+        assert set(rows) == {"full", "no_prefetch", "no_cache", "naive", "full_swap", "colab", "colab_no_prefetch",
+                             "colab_copy"}
         for name, r in rows.items():
             assert "error" not in r, (qname, name, r.get("error"))
             assert r["decode_tokens_per_s"] > 0 and r["decoded_tokens"] == 2 * (2 if name == "naive" else 3)
@@ -60,6 +61,13 @@ def test_cpu_run_all_rows(cpu_run):
         assert nv["offload_tier"] == "disk" and nv["offloaded_modules"]
         assert nv["bytes_per_token"] == nv["offloaded_bytes_per_forward"]
         assert q["profile"]["tokens"] == 2 and q["profile"]["table"]
+        # The colab rows run the planner's choice for a free T4 (tiny fits whole: copy mode there).
+        plan = q["colab_plan"]
+        assert rows["colab"]["experts_on_device"] == plan["experts_on_device"] == rows["colab_no_prefetch"][
+            "experts_on_device"]
+        assert rows["colab_no_prefetch"]["decode_counters"]["prefetches"] == 0
+        assert rows["full_swap"]["bytes_to_host_per_token"] > 0
+        assert (plan["device_total"] <= plan["device_budget"]) and plan["fits"]
         assert q["host_peak_rss_bytes"] > 0
     assert res["routing"]["source"] == "mixtral-table5"
 

@@ -233,6 +233,7 @@ def measure_row(model, prompts: list, n_new: int, runs: int, *, device, stats_fn
         "hit_ratio": _ratio(totals.get("hits", 0), uses) if uses else None,
         "prefetch_recall": _ratio(totals.get("prefetch_hits", 0), uses) if uses else None,
         "bytes_per_token": _ratio(totals.get("bytes_to_device", 0) + totals.get("bytes_to_host", 0), decoded),
+        "bytes_to_device_per_token": _ratio(totals.get("bytes_to_device", 0), decoded),
         "bytes_to_host_per_token": _ratio(totals.get("bytes_to_host", 0), decoded),
         "decode_counters": totals, "decoded_tokens": decoded, "truncated_runs": sum(r["decoded"] < n_new for r in records),
         "tokens": {str(r["prompt"]): r["tokens"] for r in records},

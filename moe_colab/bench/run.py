@@ -9,9 +9,13 @@ Rows, measured in one process on the same prompts and the same routing (moe_cola
     no_prefetch  LRU cache only, prefetch 0                     ("W/o expert pre-loading")
     no_cache     every used expert copied on use (OffloadOptions(reuse=False)), prefetch 0
                                                                 ("W/o LRU cache & pre-loading")
-    naive        accelerate's dispatch_model offloading whole layers (bench_naive.py)
-    full_swap    (on request) full, in the engine's swap mode: the host holds E-k+1 experts
-                 per layer, what a 12.7 GB Colab needs
+    naive        accelerate's dispatch_model offloading whole layers (naive.py)
+    full_swap    full at the same k, in the engine's swap mode (host memory for E-k+1 experts per
+                 layer; write-backs on their own stream)
+    colab        what a free Colab T4 runs: the planner's choice for 15 GiB of device and 12.7 GB
+                 of host memory (swap mode, its k, spare host rows and slots), full algorithm
+    colab_no_prefetch, colab_copy   the colab row without prefetch, and in copy mode (the
+                 references its speed is measured against)
 
 The device is capped like a T4 (15 GiB for the process), experts_on_device defaults to the
 paper's demo (4 of 8). Each engine row is its own model, built by build_engine with that row's
@@ -48,11 +52,13 @@ from ..engine.moe_block import route_with_router
 from ..quant.config import resolve_quant
 from ..quant.format import QuantizedExpertFormat
 
-OFFLOAD_ROWS = ("full", "no_prefetch", "no_cache")
-ROWS = OFFLOAD_ROWS + ("naive",)                 # the default rows
-EXTRA_ROWS = ("full_swap",)                      # on request: full, in the engine's swap mode
+OFFLOAD_ROWS = ("full", "no_prefetch", "no_cache", "colab_copy")     # copy mode: one shared store
+SWAP_ROWS = ("full_swap", "colab", "colab_no_prefetch")             # swap mode: a store each
+ROWS = ("full", "no_prefetch", "no_cache", "naive") + SWAP_ROWS + ("colab_copy",)   # the default rows
+EXTRA_ROWS = ()
 # Share of a quant's time slot each row may take before it stops adding runs.
-ROW_SHARE = {"full": 0.2, "no_prefetch": 0.2, "no_cache": 0.28, "naive": 0.25, "full_swap": 0.2}
+ROW_SHARE = {"full": 0.12, "no_prefetch": 0.12, "no_cache": 0.14, "naive": 0.16, "full_swap": 0.12,
+             "colab": 0.12, "colab_no_prefetch": 0.12, "colab_copy": 0.12}
 GiB = 1 << 30
 
 
@@ -112,12 +118,19 @@ def _error(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
 
 
-def row_options(args, row: str, cuda: bool) -> OffloadOptions:
-    """The engine settings of one row: the paper's ablations differ only in prefetch and reuse."""
+def row_options(args, row: str, cuda: bool, colab=None) -> OffloadOptions:
+    """The engine settings of one row: the paper's ablations differ only in prefetch and reuse;
+    the colab rows take the planner's choice for a free T4 (``colab``, a Plan)."""
     full = OffloadOptions(experts_on_device=args.experts_on_device, prefetch=args.prefetch,
                           guess_from=args.guess_from or "auto", cuda_graphs=cuda and args.cuda_graphs == "on")
-    return {"full": full, "no_prefetch": full.replace(prefetch=0),
-            "no_cache": full.replace(prefetch=0, reuse=False), "full_swap": full.replace(swap=True)}[row]
+    rows = {"full": full, "no_prefetch": full.replace(prefetch=0),
+            "no_cache": full.replace(prefetch=0, reuse=False), "full_swap": full.replace(swap=True)}
+    if colab is not None:
+        t4 = full.replace(experts_on_device=colab.experts_on_device, swap=colab.swap,
+                          spare_slots=colab.spare_slots, extra_host_rows=colab.extra_host_rows)
+        rows.update(colab=t4, colab_no_prefetch=t4.replace(prefetch=0),
+                    colab_copy=t4.replace(swap=False, extra_host_rows=0))
+    return rows[row]
 
 
 class Bench:
@@ -213,6 +226,13 @@ class Bench:
         q = self.res["quants"][qname] = {"describe": qcfg.describe(), "expert_bytes": self.expert_bytes[qname],
                                          "rows": {}}
         store = None
+        self.colab = None
+        if any(r.startswith("colab") for r in a.rows):
+            from ..planner import COLAB_T4, plan
+            self.colab = plan(self.config, qcfg, device="cuda", dtype=torch.float16, **COLAB_T4)
+            q["colab_plan"] = self.colab.to_dict()
+            self.log(f"  colab plan: {self.colab.verdict()}, {self.colab.extra_host_rows} spare host rows, "
+                     f"{self.colab.spare_slots} spare slots")
         if any(r in OFFLOAD_ROWS for r in a.rows) or a.profile:
             with bm.PeakRSS() as rss:
                 try:
@@ -240,14 +260,15 @@ class Bench:
             self.save()
         store = None
         bm.release(dev)
-        if "full_swap" in a.rows:
+        for row in [r for r in SWAP_ROWS if r in a.rows]:
             with bm.PeakRSS() as rss:
                 try:
-                    q["rows"]["full_swap"] = self.swap_row(qname, qcfg, slot)
+                    q["rows"][row] = self.swap_row(row, qname, qcfg, slot)
                 except Exception as e:
-                    q["rows"]["full_swap"] = _error(e)
-                    self.log(f"  full_swap: FAILED: {q['rows']['full_swap']['error']}")
-            q["swap_peak_rss_bytes"] = rss.peak
+                    q["rows"][row] = _error(e)
+                    self.log(f"  {row}: FAILED: {q['rows'][row]['error']}")
+            q["rows"][row]["host_peak_rss_bytes"] = rss.peak
+            self.save()
             bm.release(dev)
         bm.compare_tokens(q["rows"])
         self.save()
@@ -255,8 +276,9 @@ class Bench:
     def engine(self, qcfg, store, row: str):
         """A fresh engine model for one row over the shared store; the replay rewound."""
         strategies = self.replay.strategies() if self.replay else Strategies()
-        return build_offloaded(self.config, qcfg, store, row_options(self.args, row, self.device.type == "cuda"),
-                               device=self.device, dtype=self.dtype, seed=self.args.seed, strategies=strategies)
+        options = row_options(self.args, row, self.device.type == "cuda", self.colab)
+        return build_offloaded(self.config, qcfg, store, options, device=self.device, dtype=self.dtype,
+                               seed=self.args.seed, strategies=strategies)
 
     def reset_fn(self, model):
         def reset():
@@ -345,18 +367,22 @@ class Bench:
             del model
         return r
 
-    def swap_row(self, qname: str, qcfg, slot: float) -> dict:
-        """The full algorithm in the engine's swap mode (each expert on the device OR the host:
-        what a 12.7 GB Colab needs). Its cache cannot be emptied, so runs start warm."""
+    def swap_row(self, row: str, qname: str, qcfg, slot: float) -> dict:
+        """A swap-mode row (what a 12.7 GB Colab needs) over a fresh store: its experts move
+        between host and device, so no two rows share it. Its cache cannot be emptied, so runs
+        start warm."""
         a, dev, replay = self.args, self.device, self.replay
-        k = a.experts_on_device
-        store = make_store(self.config, qcfg, dev, self.dtype, a.seed, device_first=k)
-        model = self.engine(qcfg, store, "full_swap")
-        self.log(f"  full_swap: experts {store.host_bytes / GiB:.2f} GiB on the host (swap mode)")
-        r = self.row("full_swap", model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
+        opts = row_options(a, row, dev.type == "cuda", self.colab)
+        store = make_store(self.config, qcfg, dev, self.dtype, a.seed,      # copy mode where the plan says so
+                           device_first=opts.experts_on_device if opts.swap else 0, extra_rows=opts.extra_host_rows)
+        model = self.engine(qcfg, store, row)
+        self.log(f"  {row}: k={opts.experts_on_device}, experts {store.host_bytes / GiB:.2f} GiB on the host "
+                 f"({'swap' if opts.swap else 'copy'} mode, {opts.extra_host_rows} spare rows, "
+                 f"{opts.spare_slots if opts.swap else 0} spare slots)")
+        r = self.row(row, model, slot, self.pinned_bw[self.expert_bytes[qname]] * 1e9,
                      stats_fn=model.offload_stats, reset_fn=replay.reset if replay else (lambda: None),
                      setup=lambda: None)
-        r["host_expert_bytes"] = store.host_bytes
+        r.update(host_expert_bytes=store.host_bytes, experts_on_device=opts.experts_on_device)
         return r
 
     def row(self, row, model, slot, bw, *, stats_fn, reset_fn, setup, n_new=None, runs=None,
@@ -383,7 +409,9 @@ class Bench:
             bm.release(dev)
             return out
         r["bandwidth_GBps"] = bw / 1e9
-        r["bound_tokens_per_s"] = bw / r["bytes_per_token"] if r["bytes_per_token"] else None
+        # Host->device and device->host copies run on separate engines: the busier direction bounds.
+        busier = max(r["bytes_to_device_per_token"] or 0, r["bytes_to_host_per_token"] or 0)
+        r["bound_tokens_per_s"] = bw / busier if busier else None
         r["measured_over_bound"] = (r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
                                     if r["bound_tokens_per_s"] and r["decode_tokens_per_s"] else None)
         if dev.type == "cuda":

@@ -143,7 +143,7 @@ def synthetic_trunk_state(model, seed: int, device, dtype) -> dict[str, torch.Te
 
 
 def make_store(config, qcfg, device, dtype, seed: int, progress=None, device_first: int = 0,
-               fill: bool = True) -> ExpertStore:
+               fill: bool = True, extra_rows: int = 0) -> ExpertStore:
     """An ExpertStore of synthetic experts (copy mode; swap mode with ``device_first`` = k, then
     filled by build_offloaded through its cache)."""
     adapter = MixtralAdapter()
@@ -151,7 +151,7 @@ def make_store(config, qcfg, device, dtype, seed: int, progress=None, device_fir
     fmt = QuantizedExpertFormat(config.hidden_size, config.intermediate_size, qcfg, dtype,
                                 adapter.activation(config))
     store = ExpertStore(config.num_hidden_layers, config.num_local_experts, fmt,
-                        pin=torch.device(device).type == "cuda", device_first=device_first)
+                        pin=torch.device(device).type == "cuda", device_first=device_first, extra_rows=extra_rows)
     if fill and not device_first:
         fill_store_(store, seed, device, progress)
     return store
