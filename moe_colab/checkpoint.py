@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -163,30 +164,29 @@ def check_tensors(directory: Path, shards: dict[str, list[str]], adapter, config
     tie_word_embeddings): they may be absent from the file."""
     layers, experts = adapter.num_layers(config), adapter.num_experts(config)
     want = adapter.expert_shapes(config)
+    moe = adapter.moe_layers(config)
+    reader = adapter.expert_reader(config)       # per-expert, fused or MXFP4 layouts (adapters/base.py)
     seen_experts, seen_trunk = set(), set()
     for shard, names in shards.items():
         header = _safetensors_header(directory / shard)
         for name in names:
             shape = tuple(header[name]["shape"])
             where = f"{shard}: {name}"
-            key = adapter.parse_expert_key(name)
-            if key is not None:
-                layer, expert, w = key
-                if layer >= layers:
-                    raise CheckpointError(f"{where} belongs to layer {layer}, but config.json has {layers} layers "
-                                          f"(num_hidden_layers): the checkpoint and its config disagree")
-                if expert >= experts:
-                    raise CheckpointError(f"{where} is expert {expert} of layer {layer}, but config.json has "
-                                          f"{experts} experts per layer: the checkpoint and its config disagree")
-                if shape != tuple(want[w]):
-                    raise CheckpointError(f"{where} (layer {layer}, expert {expert}, {w}) has shape {list(shape)}, "
-                                          f"config.json needs {list(want[w])}: the checkpoint and its config disagree")
-                seen_experts.add(key)
-            elif adapter.is_fused_expert_key(name):
-                raise CheckpointError(f"{where} is a fused expert tensor; this loader reads the original "
-                                      f"per-expert {'/'.join(want)} layout")
+            m = re.match(r"^model\.layers\.(\d+)\.", name)
+            if m and int(m[1]) >= config.num_hidden_layers and reader.trunk_name(name) is not None:
+                raise CheckpointError(f"{where} belongs to layer {m[1]}, but config.json has "
+                                      f"{config.num_hidden_layers} layers (num_hidden_layers): the checkpoint and "
+                                      f"its config disagree")
+            try:
+                keys = reader.expect(name, shape)
+            except ValueError as e:
+                raise CheckpointError(f"{where} {e}: the checkpoint and its config disagree") from None
+            if keys is not None:
+                seen_experts.update(keys)
             elif trunk is not None:
-                param = adapter.trunk_key(name)
+                param = reader.trunk_name(name)
+                if param is None:                # transformers ignores it too
+                    continue
                 if param in tied:
                     continue
                 if param not in trunk:
@@ -196,7 +196,7 @@ def check_tensors(directory: Path, shards: dict[str, list[str]], adapter, config
                     raise CheckpointError(f"{where} has shape {list(shape)}, config.json needs "
                                           f"{list(trunk[param])}: the checkpoint and its config disagree")
                 seen_trunk.add(param)
-    missing = [adapter.expert_key(l, e, w) for l in range(layers) for e in range(experts) for w in want
+    missing = [adapter.expert_key(moe[l], e, w) for l in range(layers) for e in range(experts) for w in want
                if (l, e, w) not in seen_experts]
     if trunk is not None:
         missing += [p for p in trunk if p not in seen_trunk]

@@ -171,11 +171,13 @@ def _check_generation_config(directory: Path) -> None:
 
 
 class _RouterOnly(torch.nn.Module):
-    """What is left of an MoE block in the trunk: its router, under the name OffloadedMoE gives it."""
+    """What is left of an MoE block in the trunk: its router and shared experts, under the names
+    OffloadedMoE gives them (adapter.kept_modules)."""
 
-    def __init__(self, router):
+    def __init__(self, kept: dict):
         super().__init__()
-        self.gate = router
+        for name, module in kept.items():
+            self.add_module(name, module)
 
 
 def _expected_trunk(adapter, config) -> tuple[dict, frozenset]:
@@ -184,8 +186,8 @@ def _expected_trunk(adapter, config) -> tuple[dict, frozenset]:
     router as build_engine reduces it."""
     with torch.device("meta"):
         model = adapter.model_class()(config)
-    for layer in adapter.decoder_layers(model):
-        adapter.set_moe_block(layer, _RouterOnly(adapter.router(adapter.moe_block(layer))))
+    for layer in adapter.moe_decoder_layers(model):         # dense layers keep their MLP
+        adapter.set_moe_block(layer, _RouterOnly(adapter.kept_modules(adapter.moe_block(layer))))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for prefix, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):
@@ -198,7 +200,7 @@ def _load_checkpoint(directory: Path, request: dict, strategies, *, device, quan
     """An original checkpoint (per-expert w1/w2/w3), quantized while it loads if ``quant`` asks."""
     cfg_dict = read_config_dict(directory)
     adapter = adapter_for(cfg_dict.get("model_type"))
-    config = adapter.config_class().from_pretrained(directory)
+    config = adapter.prepare_config(adapter.config_class().from_pretrained(directory))
     _check_request(request, adapter.num_experts(config))
     qcfg = None
     if quant is not None:
@@ -224,20 +226,23 @@ def _load_checkpoint(directory: Path, request: dict, strategies, *, device, quan
         total = sum(len(v) for v in shards.values())
         bar = tqdm(total=total, desc=f"loading {directory.name}", unit="tensor", disable=not progress)
         trunk = {}
+        reader = adapter.expert_reader(config)      # per-expert, fused or MXFP4 -> w1/w2/w3 (+ biases)
         for name, tensor in iter_tensors(directory, shards, progress=bar):
-            key = adapter.parse_expert_key(name)
-            if key is not None:
-                layer, expert, w = key
-                # Quantized formats quantize each matrix as it arrives (hqq, on the CPU).
-                cache.write(layer, expert, w, tensor.to(dtype) if qcfg is None else tensor)
-            elif adapter.is_fused_expert_key(name):
-                raise ValueError(f"{directory}: fused expert tensor {name!r}; this loader reads the original "
-                                 f"per-expert w1/w2/w3 layout")
-            elif qcfg is not None:
-                trunk.update(quantize_trunk_tensor(name, tensor, qcfg, device))
+            experts = reader.feed(name, tensor)
+            if experts is not None:
+                for layer, expert, w, t in experts:
+                    # Quantized formats quantize each matrix as it arrives (hqq, on the CPU).
+                    cache.write(layer, expert, w, t.to(dtype) if qcfg is None or w[0] == "b" else t)
+                continue
+            param = reader.trunk_name(name)
+            if param is None:
+                continue                            # transformers ignores it too
+            if qcfg is not None:
+                trunk.update(quantize_trunk_tensor(param, tensor, qcfg, device, adapter, config))
             else:
-                trunk[adapter.trunk_key(name)] = tensor
+                trunk[param] = tensor
         bar.close()
+        reader.check_complete(f"{directory}: ")
         return trunk
 
     return build_engine(adapter, config, store, options, device=device, dtype=dtype, fill=fill, qcfg=qcfg,

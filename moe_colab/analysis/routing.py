@@ -157,9 +157,10 @@ def _adapter(model):
 
 
 def routers(model) -> list[torch.nn.Module]:
-    """Each decoder layer's router module, found through the model family's adapter."""
+    """Each MoE layer's router module, found through the model family's adapter (dense layers,
+    e.g. DeepSeek's first or Qwen's mlp_only_layers, have none: a trace's layers are MoE layers)."""
     ad = _adapter(model)
-    return [ad.router(ad.moe_block(layer)) for layer in ad.decoder_layers(model)]
+    return [ad.router(ad.moe_block(layer)) for layer in ad.moe_decoder_layers(model)]
 
 
 def _top_k_from_output(output, top_k: int):

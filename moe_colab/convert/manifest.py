@@ -12,7 +12,8 @@ A directory written by ``moe_colab.quantize`` holds
                                 quantized attention projections as QuantLinear buffers
                                 (model.layers.L.self_attn.q_proj.q4, ...s_q, ...)
     layer_000.safetensors ...   "experts": uint8 [num_experts, nbytes], one packed buffer per
-                                expert (the ExpertFormat layout), ready for ExpertStore
+                                expert (the ExpertFormat layout), ready for ExpertStore; one file
+                                per MoE layer (dense layers and shared experts are trunk)
 
 Loading checks every unit against its sha256 while it reads it, unless the verified stamp says
 the file is unchanged since its last check (the writer stamps what it writes, so the first load
@@ -21,7 +22,7 @@ after quantize costs no hashing); a mismatch names the file and says how to redo
 Loader API (called by moe_colab.model.load_model):
     is_quantized_dir(path) -> bool
     open_quantized(path, quant=None) -> (manifest, QuantConfig)
-    model_config(manifest) -> transformers.MixtralConfig
+    model_config(manifest) -> the family's transformers config (MixtralConfig, Qwen3MoeConfig, ...)
     expert_format_for(manifest, dtype, act) -> ExpertFormat (layout checked against the manifest)
     load_layer_experts(path, manifest, layer) -> uint8 [num_experts, nbytes]
     iter_quantized_experts(path, manifest) -> (layer, expert, uint8 [nbytes]) ...
@@ -196,7 +197,7 @@ def open_quantized(path, quant=None, *, verify: str = "headers"):
                          f"quant={wanted.name!r} ({wanted.describe()}) was requested; pass quant=None "
                          f"or {qcfg.name!r}, or quantize the original checkpoint again")
     if verify != "none":
-        expected = {TRUNK_FILE} | {layer_file(l) for l in range(manifest["config"]["num_hidden_layers"])}
+        expected = {TRUNK_FILE} | {layer_file(l) for l in range(moe_layer_count(manifest))}
         missing = expected - set(manifest["files"])
         if missing:
             raise CheckpointError(f"{MANIFEST} in {path} lists no record for {sorted(missing)}")
@@ -215,7 +216,7 @@ def check_directory(path) -> tuple[dict, list[str]]:
     problems = []
     if not manifest.get("complete"):
         problems.append(f"{MANIFEST}: the quantization did not finish")
-    expected = [TRUNK_FILE] + [layer_file(l) for l in range(manifest["config"]["num_hidden_layers"])]
+    expected = [TRUNK_FILE] + [layer_file(l) for l in range(moe_layer_count(manifest))]
     files = manifest["files"]
     for name in expected:
         if name not in files and manifest.get("complete"):
@@ -234,9 +235,22 @@ def check_directory(path) -> tuple[dict, list[str]]:
 
 
 def model_config(manifest: dict):
-    """The original model's transformers config."""
-    from transformers import MixtralConfig
-    return MixtralConfig.from_dict(manifest["config"])
+    """The original model's transformers config (its family's config class)."""
+    from ..adapters import adapter_for
+    return adapter_for(manifest.get("model_type", "mixtral")).config_class().from_dict(manifest["config"])
+
+
+def moe_layer_count(manifest: dict) -> int:
+    """MoE layers: one layer_NNN file each (dense layers are trunk)."""
+    from ..adapters import adapter_for
+    config = model_config(manifest)
+    return adapter_for(config).num_layers(config)
+
+
+def num_experts(manifest: dict) -> int:
+    from ..adapters import adapter_for
+    config = model_config(manifest)
+    return adapter_for(config).num_experts(config)
 
 
 def expert_format_for(manifest: dict, dtype: torch.dtype = torch.float16, act=None):
@@ -261,7 +275,7 @@ def load_layer_experts(path, manifest: dict, layer: int, *, verify: bool = True)
     if verify:
         check_sha256(path, name, manifest["files"][name])
     buf = load_file(str(Path(path) / name))["experts"]
-    want = (manifest["config"]["num_local_experts"], manifest["expert_nbytes"])
+    want = (num_experts(manifest), manifest["expert_nbytes"])
     if tuple(buf.shape) != want or buf.dtype != torch.uint8:
         raise CheckpointError(f"{name}: tensor 'experts' is {list(buf.shape)} {buf.dtype}, expected "
                               f"{list(want)} uint8")
@@ -270,7 +284,7 @@ def load_layer_experts(path, manifest: dict, layer: int, *, verify: bool = True)
 
 def iter_quantized_experts(path, manifest: dict):
     """Yield (layer, expert, uint8 [nbytes]) for every expert, one layer file in memory at a time."""
-    for layer in range(manifest["config"]["num_hidden_layers"]):
+    for layer in range(moe_layer_count(manifest)):
         buf = load_layer_experts(path, manifest, layer)
         for expert in range(buf.shape[0]):
             yield layer, expert, buf[expert]

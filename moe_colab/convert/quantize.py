@@ -24,40 +24,49 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.mixtral import MixtralAdapter as A
+from ..adapters import adapter_for
+from ..adapters.mixtral import MixtralAdapter
 from ..checkpoint import CheckpointError, read_config_dict, resolve, shard_map
 from ..quant.config import PRESETS, QuantConfig, resolve_quant
 from .manifest import TRUNK_FILE, layer_file
 from .writer import QuantizedDirWriter, fresh_manifest
 
-_ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
+_ATTN_KEY = re.compile(r"^(model\.layers\.\d+\.self_attn\.(\w+))\.weight$")
 WEIGHTS = ("w1", "w2", "w3")
 
 
-def quantize_trunk_tensor(name: str, t: torch.Tensor, qcfg: QuantConfig, device) -> dict[str, torch.Tensor]:
-    """One non-expert checkpoint tensor -> the trunk entries it becomes: an attention projection
-    as QuantLinear buffers (when attention is quantized), anything else unchanged."""
+def quantize_trunk_tensor(name: str, t: torch.Tensor, qcfg: QuantConfig, device, adapter=MixtralAdapter,
+                          config=None) -> dict[str, torch.Tensor]:
+    """One non-expert tensor -> the trunk entries it becomes: an attention projection (the
+    family's: adapter.attention_projections) as QuantLinear buffers when attention is quantized,
+    anything else unchanged, under its transformers name."""
     from ..quant.matrix import quantize_matrix
     attn_bits, g, sg = qcfg.matrix("attn")
+    name = adapter.trunk_key(name)
+    projections = adapter.attention_projections(config) if config is not None else ("q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj")
     m = _ATTN_KEY.match(name)
-    if m and attn_bits != 16:
+    if m and m[2] in projections and attn_bits != 16:
         return {f"{m[1]}.{k}": v for k, v in quantize_matrix(t.to(device), attn_bits, g, sg).items()}
-    return {A.trunk_key(name): t}
+    return {name: t}
 
 
 def _prepare(config_dict: dict, identity: str, quant, dtype, device, shards: dict | None = None):
-    """(config, QuantConfig, format, device, fresh manifest): every check before anything is written."""
+    """(config, QuantConfig, format, device, fresh manifest, adapter): every check before anything
+    is written."""
     from ..quant.format import expert_format
     from ..quant.matrix import default_device
     qcfg = resolve_quant(quant)
     if qcfg is None or qcfg.is_noop:
         raise ValueError("quant selects no quantization (16-bit attention and experts): there is nothing "
                          "to write; load the original checkpoint instead")
-    if not isinstance(config_dict, dict) or config_dict.get("model_type") != A.model_type:
-        got = config_dict.get("model_type") if isinstance(config_dict, dict) else type(config_dict).__name__
-        raise CheckpointError(f"{identity}: config.json has model_type {got!r}; only '{A.model_type}' "
-                              f"checkpoints can be quantized")
-    config = A.config_class().from_dict(config_dict)
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{identity}: config.json holds a {type(config_dict).__name__}, not settings")
+    try:
+        A = adapter_for(config_dict.get("model_type"))
+    except ValueError as e:
+        raise CheckpointError(f"{identity}: {e}") from None
+    config = A.prepare_config(A.config_class().from_dict(config_dict))
     qcfg.validate_for(config)
     device = torch.device(device or default_device())
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -66,7 +75,7 @@ def _prepare(config_dict: dict, identity: str, quant, dtype, device, shards: dic
     fmt = expert_format(config, qcfg, dtype)
     fresh = fresh_manifest(model_type=A.model_type, config=config, qcfg=qcfg, dtype=dtype, fmt=fmt,
                            source=identity, shards=shards)
-    return config, qcfg, fmt, device, fresh
+    return config, qcfg, fmt, device, fresh, A
 
 
 def _check_destination(src_dir: Path, dst: Path) -> None:
@@ -89,24 +98,25 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
     _check_destination(src_dir, dst)
     shards = shard_map(src_dir)
     sizes = {name: (src_dir / name).stat().st_size for name in shards}
-    config, qcfg, fmt, device, fresh = _prepare(read_config_dict(src_dir), str(src), quant, dtype, device, sizes)
+    config, qcfg, fmt, device, fresh, A = _prepare(read_config_dict(src_dir), str(src), quant, dtype, device, sizes)
     writer = QuantizedDirWriter(dst, fresh, verify_existing=verify_existing)
     if writer.complete:
         return dst
     n_experts = A.num_experts(config)
+    reader = A.expert_reader(config)             # per-expert, fused or MXFP4 -> w1/w2/w3 (+ biases)
+    per_expert = len(A.expert_fn(config).names)
+    shapes = A.expert_shapes(config)
 
     todo_trunk, todo_experts = [], []
     for shard, names in shards.items():
         for name in names:
-            if A.is_fused_expert_key(name):
-                raise CheckpointError(f"{shard}: fused expert tensor {name!r} (transformers-5 layout) is not "
-                                      f"supported; save the checkpoint in the original layout")
-            key = A.parse_expert_key(name)
-            if key is None:
+            layer = reader.layer_of(name)          # the MoE layer, or None for a trunk tensor
+            if layer is None:
                 if not writer.has(TRUNK_FILE):
                     todo_trunk.append((shard, name))
-            elif not writer.has(layer_file(key[0])):
-                todo_experts.append((shard, name, key))
+            elif not writer.has(layer_file(layer)):
+                key = A.parse_expert_key(name)     # per-expert names sort by expert too
+                todo_experts.append((shard, name, (layer, key[1] if key else -1, name)))
     # experts in (layer, expert) order, so shards are visited in layer order and a layer that
     # straddles two shards completes in the next one: at most about two layers are open at once
     todo_experts.sort(key=lambda item: item[2])
@@ -128,40 +138,44 @@ def quantize(src, dst, quant="paper-2bit", *, device=None, dtype: torch.dtype = 
         if todo_trunk:    # unit 1: the trunk (attention projections quantized, the rest kept)
             trunk = {}
             for (_, name), t in tensors_of(todo_trunk):
-                trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
+                param = reader.trunk_name(name)
+                if param is not None:              # None: transformers ignores it too
+                    trunk.update(quantize_trunk_tensor(param, t, qcfg, device, A, config))
             writer.save_unit(TRUNK_FILE, trunk)
             del trunk
             if on_unit_done:
                 on_unit_done(TRUNK_FILE)
 
         open_layers: dict[int, tuple[torch.Tensor, set]] = {}   # layer -> (uint8 [E, nbytes], written)
-        for (shard, _, (layer, expert, w)), t in tensors_of(todo_experts):
-            buf, written = open_layers.setdefault(
-                layer, (torch.zeros(n_experts, fmt.layout.nbytes, dtype=torch.uint8), set()))
-            _write_expert_matrix(fmt, qcfg, buf[expert], w, t, device, layer, expert, shard)
-            written.add((expert, w))
-            if len(written) == len(WEIGHTS) * n_experts:
-                writer.save_unit(layer_file(layer), {"experts": buf})
-                del open_layers[layer]
-                if on_unit_done:
-                    on_unit_done(layer_file(layer))
+        for (shard, name, _), t in tensors_of(todo_experts):
+            for layer, expert, w, piece in reader.feed(name, t):
+                buf, written = open_layers.setdefault(
+                    layer, (torch.zeros(n_experts, fmt.layout.nbytes, dtype=torch.uint8), set()))
+                _write_expert_matrix(fmt, qcfg, buf[expert], w, piece, device, A.expert_key(
+                    A.moe_layers(config)[layer], expert, w), shard, shapes)
+                written.add((expert, w))
+                if len(written) == per_expert * n_experts:
+                    writer.save_unit(layer_file(layer), {"experts": buf})
+                    del open_layers[layer]
+                    if on_unit_done:
+                        on_unit_done(layer_file(layer))
     finally:
         bar.close()
     return writer.finish()
 
 
-def _write_expert_matrix(fmt, qcfg, row: torch.Tensor, w: str, t: torch.Tensor, device, layer: int, expert: int,
-                         shard_of: str) -> None:
-    """One original expert matrix into its expert's packed buffer (quantized by hqq on ``device``;
-    16-bit experts are only copied); a wrong shape names the layer, the expert and the shard."""
-    want = fmt.shapes[w] if hasattr(fmt, "shapes") else None
+def _write_expert_matrix(fmt, qcfg, row: torch.Tensor, w: str, t: torch.Tensor, device, key: str,
+                         shard_of: str, shapes: dict) -> None:
+    """One original expert matrix (or bias) into its expert's packed buffer (quantized by hqq on
+    ``device``; 16-bit experts and biases are only copied); a wrong shape names the tensor
+    (``key``: its checkpoint name, layer and expert) and the shard."""
+    want = shapes.get(w)
     if want is not None and tuple(t.shape) != tuple(want):
-        raise CheckpointError(f"{shard_of}: {A.expert_key(layer, expert, w)} has shape {tuple(t.shape)}, the "
-                              f"config needs {tuple(want)}")
+        raise CheckpointError(f"{shard_of}: {key} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
     try:
-        fmt.write(fmt.layout.views(row), w, t if qcfg.expert_bits == 16 else t.to(device))
+        fmt.write(fmt.layout.views(row), w, t if qcfg.expert_bits == 16 or w[0] == "b" else t.to(device))
     except ValueError as e:
-        raise CheckpointError(f"{shard_of}: {A.expert_key(layer, expert, w)}: {e}") from e
+        raise CheckpointError(f"{shard_of}: {key}: {e}") from e
 
 
 def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, progress=True,
@@ -169,10 +183,10 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
     """Write ``source`` (hub.HubShards, authors.AuthorsShards, or any object with config, identity,
     shards, fetch, tensors, release, small_files) into a quantized directory, shard by shard."""
     from tqdm.auto import tqdm
-    config, qcfg, fmt, device, fresh = _prepare(source.config, source.identity, quant, dtype, device)
+    config, qcfg, fmt, device, fresh, A = _prepare(source.config, source.identity, quant, dtype, device)
     writer = QuantizedDirWriter(dst, fresh)
-    E = A.num_experts(config)
     done = set(writer.shards_done())
+    reader = A.expert_reader(config)
 
     def needed(shard) -> bool:
         names = getattr(source, "names", {}).get(shard)
@@ -180,8 +194,8 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
             return False
         if not names:
             return True
-        layers = {k[0] for k in map(A.parse_expert_key, names) if k is not None}
-        trunk = any(A.parse_expert_key(n) is None for n in names)
+        layers = {reader.layer_of(n) for n in names} - {None}
+        trunk = any(reader.layer_of(n) is None for n in names)
         return (trunk and not writer.has(TRUNK_FILE)) or any(not writer.has(layer_file(l)) for l in layers)
 
     if not writer.complete:
@@ -190,7 +204,7 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
                 continue
             path = source.fetch(shard)
             try:
-                _quantize_shard(source, shard, path, writer, qcfg, fmt, E, device)
+                _quantize_shard(source, shard, path, writer, qcfg, fmt, A, config, reader, device)
             finally:
                 source.release(shard, path)
             writer.mark_shard_done(shard)
@@ -200,25 +214,26 @@ def quantize_shards(source, dst, quant, *, device=None, dtype=torch.float16, pro
     return writer.finish(source.small_files())
 
 
-def _quantize_shard(source, shard, path, writer: QuantizedDirWriter, qcfg, fmt, E, device) -> None:
+def _quantize_shard(source, shard, path, writer: QuantizedDirWriter, qcfg, fmt, A, config, reader, device) -> None:
     """Quantize one shard's tensors; save its trunk part and every layer it touched."""
+    E, names, shapes = A.num_experts(config), A.expert_fn(config).names, A.expert_shapes(config)
     trunk, layers = {}, {}
     for name, t in source.tensors(shard, path):
-        if A.is_fused_expert_key(name):
-            raise CheckpointError(f"{shard}: fused expert tensor {name!r} is not supported")
-        key = A.parse_expert_key(name)
-        if key is None:
-            if not writer.has(TRUNK_FILE):
-                trunk.update(quantize_trunk_tensor(name, t, qcfg, device))
+        layer = reader.layer_of(name)
+        if layer is None:
+            param = reader.trunk_name(name)
+            if not writer.has(TRUNK_FILE) and param is not None:
+                trunk.update(quantize_trunk_tensor(param, t, qcfg, device, A, config))
             continue
-        layer, expert, w = key
         if writer.has(layer_file(layer)):
             continue
-        if layer not in layers:
-            layers[layer] = writer.load_partial(layer, E, fmt.layout.nbytes, len(WEIGHTS))
-        buf, written = layers[layer]
-        _write_expert_matrix(fmt, qcfg, buf[expert], w, t, device, layer, expert, shard)
-        written[expert, WEIGHTS.index(w)] = 1
+        for layer, expert, w, piece in reader.feed(name, t):
+            if layer not in layers:
+                layers[layer] = writer.load_partial(layer, E, fmt.layout.nbytes, len(names))
+            buf, written = layers[layer]
+            _write_expert_matrix(fmt, qcfg, buf[expert], w, piece, device,
+                                 A.expert_key(A.moe_layers(config)[layer], expert, w), shard, shapes)
+            written[expert, names.index(w)] = 1
     if trunk:
         writer.save_trunk_part(shard, trunk)
     for layer, (buf, written) in sorted(layers.items()):

@@ -209,4 +209,5 @@ def _check_writable(dst: Path) -> None:
 
 def fresh_files(manifest: dict) -> list[str]:
     """Every unit a finished directory holds: the trunk and one file per layer."""
-    return [TRUNK_FILE] + [layer_file(l) for l in range(manifest["config"]["num_hidden_layers"])]
+    from .manifest import moe_layer_count
+    return [TRUNK_FILE] + [layer_file(l) for l in range(moe_layer_count(manifest))]

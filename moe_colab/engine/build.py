@@ -171,12 +171,37 @@ def new_store(adapter, config, fmt, options: OffloadOptions, device) -> ExpertSt
 
 
 def build_trunk(adapter, config, dtype):
-    """The transformers model on the meta device (no memory), dtype set."""
+    """The transformers model on the meta device (no memory), dtype set; what transformers keeps
+    in float32 under a 16-bit load stays float32 (keep_fp32_)."""
     cls = _offloaded_class(adapter.model_class())
     config.dtype = dtype
     with torch.device("meta"):
         model = cls(config)
-    return model.to(dtype)
+    return keep_fp32_(model.to(dtype), dtype)
+
+
+def keep_fp32_(model, dtype):
+    """Parameters and buffers that transformers' from_pretrained keeps in float32 (DeepSeek's
+    routers and V3's correction bias under fp16 and bf16, GPT-OSS's norms under fp16), back to
+    float32, as its dtype plan does: ``_keep_in_fp32_modules`` for fp16, ``_keep_in_fp32_modules_strict``
+    for fp16 and bf16, each a pattern searched in the parameter's name. Returns the model."""
+    import re
+
+    patterns = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not patterns:
+        return model
+    keep = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(patterns)))
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                full = f"{prefix}.{name}" if prefix else name
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32 and keep.search(full):
+                    t32 = t.to(torch.float32)
+                    table[name] = torch.nn.Parameter(t32, requires_grad=False) if table is module._parameters else t32
+    return model
 
 
 def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *, device, dtype,
@@ -200,14 +225,20 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
     missing = store.missing()
     if missing:
         where = f"{directory}: " if directory is not None else ""
-        raise ValueError(f"{where}expert weights missing, e.g. {[adapter.expert_key(*m) for m in missing[:3]]}")
+        moe = adapter.moe_layers(config)
+        raise ValueError(f"{where}expert weights missing, e.g. "
+                         f"{[adapter.expert_key(moe[l], e, w) for l, e, w in missing[:3]]}")
 
-    layers = adapter.decoder_layers(model)
+    # Only the MoE layers' blocks are replaced (dense layers keep their MLP); MoE layer l is the
+    # cache's layer l. The router and shared experts stay, under their names.
+    layers = adapter.moe_decoder_layers(model)
     top_k = adapter.top_k(config)
     for l, layer in enumerate(layers):
-        router = adapter.router(adapter.moe_block(layer))
+        kept = adapter.kept_modules(adapter.moe_block(layer))
+        router = kept.pop(adapter.router_attr)
         adapter.set_moe_block(layer, OffloadedMoE(l, router, cache, store.format, top_k, store.num_experts,
-                                                  route=strategies.route))
+                                                  route=strategies.route, router_attr=adapter.router_attr,
+                                                  kept=kept, family=adapter))
     model.to_empty(device=device)
     load_trunk(model, trunk_state, device, directory)
     del trunk_state
@@ -219,7 +250,7 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
             adapter.moe_block(layer).speculator = Speculator(
                 l, options.prefetch, guess_source(options.guess_from, l), adapter.pre_moe_norm(layer),
                 adapter.pre_moe_norm(nxt), adapter.router(adapter.moe_block(nxt)), store.num_experts,
-                guess_fn=strategies.guess)
+                guess_fn=strategies.guess, probs=adapter.router_probs)
     model.moe_cache, model.offload_options, model.offload_compute = cache, options, compute
     model.eval()
     model.requires_grad_(False)

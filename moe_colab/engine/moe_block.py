@@ -41,11 +41,23 @@ def _maybe(t: torch.Tensor | None) -> tuple:
 
 
 class OffloadedMoE(nn.Module):
+    """``layer_idx`` is the MoE layer (the cache's layer), not the decoder layer. ``family``: the
+    model's adapter (adapters/base.py), whose ``combine`` adds what the family adds to the routed
+    sum (shared experts) and whose ``block_output`` shapes the return value; ``kept``: the other
+    modules of the original block it needs (shared experts), kept under their own names."""
+
     def __init__(self, layer_idx: int, router: nn.Module, cache: ExpertCache, fmt, top_k: int,
-                 num_experts: int, speculator: Speculator | None = None, route: RouteFn = route_with_router):
+                 num_experts: int, speculator: Speculator | None = None, route: RouteFn = route_with_router,
+                 *, router_attr: str = "gate", kept: dict[str, nn.Module] | None = None, family=None):
         super().__init__()
         self.layer_idx, self.top_k, self.num_experts = layer_idx, top_k, num_experts
-        self.gate = router                      # same name as transformers' block: hooks still find it
+        # The router (and shared experts) under the names transformers' block gives them: trunk
+        # tensor names, hooks and output_router_logits still find them.
+        self.router_attr = router_attr
+        self.add_module(router_attr, router)
+        for name, module in (kept or {}).items():
+            self.add_module(name, module)
+        self.family = family
         self.cache = cache                      # plain attributes: not submodules, not moved by .to()
         self.format = fmt                       # how an expert computes from its packed buffer
         self.speculator = speculator            # guesses layer l+1's experts (None: no prefetch)
@@ -59,17 +71,20 @@ class OffloadedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape                                     # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])                        # [T, H]
-        top_w, top_i = self.route(self.layer_idx, self.gate, x)         # [T, k], [T, k]
+        top_w, top_i = self.route(self.layer_idx, getattr(self, self.router_attr), x)   # [T, k], [T, k]
         spec = self.speculator
         early = spec.guess_before(x) if spec is not None and spec.early else None   # [p]
         if x.shape[0] == 1:
             out = self._one_token(x, top_w, top_i, early)
         else:
             out = self._tokens(x, top_w, top_i, early)
+        if self.family is not None:
+            out = self.family.combine(self, x, out)                     # + shared experts, if any
         if spec is not None and not spec.early:
             self.cache.prefetch(self.layer_idx + 1, *spec.split(self.cache.sync(spec.guess_after(out),
                                                                                 layer=self.layer_idx)))
-        return out.reshape(shape)
+        out = out.reshape(shape)
+        return out if self.family is None else self.family.block_output(out, top_w)
 
     def _guess(self, host: list[int]) -> tuple[list[int] | None, list[float] | None]:
         """The early guess's part of a sync: (guesses, probabilities), or (None, None)."""

@@ -30,6 +30,11 @@ GuessFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]
 SCORE_SCALE = 10_000       # probabilities travel to the host as ints in 1/10,000
 
 
+def _softmax_probs(router: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Mixtral's router: softmax over the logits (float32) [T, E]."""
+    return torch.softmax(nn.functional.linear(h, router.weight).float(), dim=-1)
+
+
 def guess_source(guess_from: str, layer: int) -> str:
     """The hidden state that layer ``layer``'s guess reads: "auto" is "after" at layer 0 (its
     experts change the residual stream most; recall 0.784 vs 0.439 on tiny) and "before"
@@ -45,8 +50,11 @@ class Speculator:
     """Guesses ``count`` experts of layer ``layer + 1`` from layer ``layer``'s hidden state."""
 
     def __init__(self, layer: int, count: int, source: str, own_norm: nn.Module, next_norm: nn.Module,
-                 next_router: nn.Module, num_experts: int, guess_fn: GuessFn | None = None):
+                 next_router: nn.Module, num_experts: int, guess_fn: GuessFn | None = None, probs=None):
         self.layer, self.count, self.source, self.num_experts = layer, count, source, num_experts
+        # (router, hidden [T, H]) -> scores [T, E] float32 ranking experts as the router does: the
+        # adapter's router_probs (a softmax for most families; sigmoid + bias for DeepSeek-V3)
+        self.probs = probs if probs is not None else _softmax_probs
         self.early = source == "before"          # the guess is ready before this layer's experts run
         self.next_norm, self.next_router = next_norm, next_router
         self.guess_fn: GuessFn = guess_fn if guess_fn is not None else self.router_guess
@@ -63,8 +71,7 @@ class Speculator:
 
     def router_guess(self, next_layer: int, hidden: torch.Tensor):
         h = self.next_norm(hidden).reshape(-1, hidden.shape[-1])             # [T, H]
-        logits = nn.functional.linear(h, self.next_router.weight)            # [T, E]
-        prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)             # [E] averaged over tokens
+        prob = self.probs(self.next_router, h).mean(dim=0)                   # [E] averaged over tokens
         return torch.topk(prob, self.count).indices, prob                    # [count], [E]
 
     def guess_before(self, x: torch.Tensor) -> torch.Tensor:

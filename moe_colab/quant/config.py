@@ -94,11 +94,8 @@ class QuantConfig:
     # -- checks against a model ------------------------------------------------------------
     def validate_for(self, config) -> None:
         """Raise ValueError if a group size does not divide an input dimension of ``config``."""
-        h, i = config.hidden_size, config.intermediate_size
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or h // heads
-        inputs = {"attn": {"q/k/v_proj (hidden_size)": h, "o_proj (heads * head_dim)": heads * head_dim},
-                  "expert": {"w1/w3 (hidden_size)": h, "w2 (intermediate_size)": i}}
+        from ..adapters import adapter_for
+        inputs = adapter_for(config).quant_inputs(config)       # the family's matrices' input widths
         for part, dims in inputs.items():
             bits, g, _ = self.matrix(part)
             if bits == 16:

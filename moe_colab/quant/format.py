@@ -4,7 +4,8 @@
                             scales and zeros of w1, w2, w3 under "w1.", "w2.", "w3." in one
                             PackedLayout, so moving an expert is still a single copy
     QuantLinear             nn.Linear replacement holding the same named tensors as buffers
-    quantize_trunk_         swap a Mixtral model's attention q/k/v/o projections for QuantLinear
+    quantize_trunk_         swap a model's attention projections for QuantLinear (q/k/v/o, or
+                            the family's own: adapter.attention_projections)
 
 The matmuls go through the model's ``ModelCompute`` (moe_colab/engine/compute.py): the fused
 Triton kernels on CUDA, the reference ``packing.quant_linear_torch`` on CPU or after a failure
@@ -90,14 +91,21 @@ class QuantizedExpertFormat:
 
 def expert_format(config, qcfg: QuantConfig | None, dtype: torch.dtype = torch.float16, act=None,
                   compute: ModelCompute | None = None):
-    """The ExpertFormat for a MixtralConfig and scheme: dense for None or expert_bits=16."""
-    if act is None:
-        from transformers.activations import ACT2FN
-        act = ACT2FN[config.hidden_act]
-    h, i = config.hidden_size, config.intermediate_size
-    if qcfg is None or qcfg.expert_bits == 16:
-        return DenseExpertFormat(h, i, dtype, act)
-    return QuantizedExpertFormat(h, i, qcfg, dtype, act, compute)
+    """The ExpertFormat for a model config (any supported family: its adapter says what one
+    expert is, engine/expert_fn.py) and scheme: dense for None or expert_bits=16."""
+    from ..adapters import adapter_for
+    fn = adapter_for(config).expert_fn(config)
+    dense = qcfg is None or qcfg.expert_bits == 16
+    if not fn.plain:                  # biases or another GLU (GPT-OSS)
+        if dense:
+            from ..engine.expert_fn import BiasedDenseFormat
+            return BiasedDenseFormat(fn, dtype)
+        from .biased import BiasedQuantizedFormat
+        return BiasedQuantizedFormat(fn, qcfg, dtype, compute)
+    act = act if act is not None else fn.activation()
+    if dense:
+        return DenseExpertFormat(fn.hidden, fn.intermediate, dtype, act)
+    return QuantizedExpertFormat(fn.hidden, fn.intermediate, qcfg, dtype, act, compute)
 
 
 class QuantLinear(nn.Module):
@@ -158,9 +166,12 @@ class QuantLinear(nn.Module):
 
 
 def _attention_modules(model):
-    from ..adapters.mixtral import MixtralAdapter
-    for layer in MixtralAdapter.decoder_layers(model):
-        yield layer.self_attn
+    """(self_attn, names of its projections that attention bits apply to), per decoder layer."""
+    from ..adapters import adapter_for
+    adapter = adapter_for(model.config)
+    names = adapter.attention_projections(model.config)
+    for layer in adapter.decoder_layers(model):
+        yield layer.self_attn, names
 
 
 def quantize_trunk_(model, qcfg: QuantConfig | None, *, device=None):
@@ -170,8 +181,8 @@ def quantize_trunk_(model, qcfg: QuantConfig | None, *, device=None):
         return model
     qcfg.validate_for(model.config)
     bits, g, sg = qcfg.matrix("attn")
-    for attn in _attention_modules(model):
-        for name in ATTN_PROJ:
+    for attn, names in _attention_modules(model):
+        for name in names:
             lin = getattr(attn, name)
             if isinstance(lin, QuantLinear):
                 raise ValueError(f"{name} is already quantized; quantize_trunk_ runs once per model")
@@ -185,8 +196,8 @@ def attach_quant_linears_(model, qcfg: QuantConfig | None, *, device=None):
     if qcfg is None or qcfg.attn_bits == 16:
         return model
     bits, g, sg = qcfg.matrix("attn")
-    for attn in _attention_modules(model):
-        for name in ATTN_PROJ:
+    for attn, names in _attention_modules(model):
+        for name in names:
             lin = getattr(attn, name)
             setattr(attn, name, QuantLinear(lin.in_features, lin.out_features, bits, g, sg,
                                             bias=lin.bias is not None, device=device,
