@@ -93,6 +93,18 @@ def _counting_streamer(tokenizer, skip_prompt: bool):
     return CountingStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
 
 
+def preflight(directory) -> None:
+    """The checkpoint's small JSON files, read before the tokenizer (whose own errors would
+    hide what is wrong) and before any weight; load_model checks them again, and the rest."""
+    from .checkpoint import read_config_dict, read_json_file
+    from .convert.manifest import is_quantized_dir
+
+    if not is_quantized_dir(directory):
+        read_config_dict(directory)
+    if (directory / "generation_config.json").is_file():
+        read_json_file(directory / "generation_config.json", "generation settings")
+
+
 def load_tokenizer(directory):
     from transformers import AutoTokenizer
 
@@ -116,6 +128,7 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     directory = resolve(args.model)
+    preflight(directory)
     tokenizer = load_tokenizer(directory)
     model = load_model(directory, device=device, dtype=dtype, experts_on_device=args.experts_on_device,
                        prefetch=args.prefetch, quant=quant, swap=args.swap or None)

@@ -81,14 +81,19 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def record_verified(directory: Path, name: str, sha: str) -> None:
+def record_verified(directory: Path, name: str, sha: str | None) -> None:
     """Remember that ``name`` matched ``sha`` at its current size and mtime (best effort: a
-    read-only directory is simply checked again next time)."""
+    read-only directory is simply checked again next time); ``sha=None`` forgets its stamp (a
+    file found damaged although its size and mtime are unchanged: bit rot)."""
     directory = Path(directory)
     f = directory / VERIFIED
     try:
         stamps = json.loads(f.read_text()) if f.is_file() else {}
-        stamps[name] = _stat_key(directory / name) + [sha]
+        if sha is None:
+            if stamps.pop(name, None) is None:
+                return
+        else:
+            stamps[name] = _stat_key(directory / name) + [sha]
         tmp = directory / (VERIFIED + ".tmp")
         tmp.write_text(json.dumps(stamps, indent=1))
         os.replace(tmp, f)
@@ -225,6 +230,7 @@ def check_directory(path) -> tuple[dict, list[str]]:
         try:
             verify_file(path, name, entry)
             if sha256_file(path / name) != entry["sha256"]:
+                record_verified(path, name, None)       # so loading and quantize check it again
                 raise CheckpointError(f"{name}: sha256 does not match {MANIFEST} (the file is corrupt or was changed)")
             record_verified(path, name, entry["sha256"])
         except CheckpointError as e:
