@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-gpu clean
+.PHONY: install demo test test-fast test-gpu docs clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,18 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -x tests -m "not slow and not browser" $(PYTEST_ARGS)
 
+# The rendered book of the executed notebooks (HTML in build/book; open build/book/index.html).
+docs: install $(VENV)/.docs-installed
+	$(PY) -m tools.book
+	cd build && NO_MKDOCS_2_WARNING=1 $(abspath $(VENV))/bin/mkdocs build -q -f ../book/mkdocs.yml   # cache: build/.cache
+	@echo "book: build/book/index.html"
+
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,docs]"
+	touch $@
+
 test-gpu: install
 	$(PY) -m pytest -q tests -m gpu $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build/book build/book-src

@@ -114,6 +114,23 @@ def test_notebooks_match_their_sources():
     assert sorted(p.stem for p in _nbtools.sources(NOTEBOOKS)) == [p.stem for p in PATHS]
 
 
+def test_figures_match_their_code():
+    from tools import figures
+    assert figures.main(["--check"]) == 0, "run: python -m tools.figures"
+    for name in figures.DIAGRAMS:
+        import xml.etree.ElementTree as ET
+        root = ET.parse(NOTEBOOKS / "figures" / name).getroot()
+        assert root.get("viewBox") and root.get("width") == "100%"      # scales to the page
+
+
+def test_book_links_point_at_pages():
+    from tools import book
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "see [x](03_lru_cache.ipynb) and [y](05b_quantized_model.ipynb), [z](figures/a.svg)")])
+    book.link_pages(nb)
+    assert nb.cells[0].source == "see [x](03_lru_cache.html) and [y](05b_quantized_model.html), [z](figures/a.svg)"
+
+
 # -- the builder itself ----------------------------------------------------------------------
 SOURCE = '''# %% [markdown]
 # {{badge}}

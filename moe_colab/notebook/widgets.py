@@ -19,8 +19,8 @@ plotly JSON (``application/vnd.plotly.v1+json``: JupyterLab's plotly extension d
 plotly.js it loaded once, never 5 MB per figure), a static SVG (``moe_colab.notebook.svg``: what
 GitHub, nbviewer, the book and a notebook reopened without a kernel show) and a line of text. On
 Colab it adds plotly's HTML, which loads plotly.js once per page from plotly's CDN. A live view
-(``LiveView``, in a kernel) is ipywidgets controls above such a figure, which the controls update
-in place through its display id. Nothing here ever waits for a frontend.
+(``LiveView``, in a kernel) is ipywidgets controls above such a figure, held in an ``Output``
+widget whose outputs the controls replace. Nothing here ever waits for a frontend.
 
 Figures fit the page width (no fixed pixel widths: nothing is clipped in JupyterLab's default
 layout); long traces fit by narrowing the cells, and plotly's zoom keeps the layer labels on the
@@ -84,29 +84,43 @@ def show(fig: go.Figure, svg: str | None = None) -> Shown:
     return Shown(fig, svg)
 
 
+class _ViewBox(widgets.VBox):
+    """The box of a LiveView; its output also carries the current static picture, so a notebook
+    saved with its outputs (but no widget state) shows the figure."""
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        shown = getattr(self, "_shown", None)
+        if shown is not None and shown.svg:
+            bundle["image/svg+xml"] = shown.svg
+        return bundle
+
+
 class LiveView:
-    """Controls (ipywidgets, in ``.box``) above a figure. The figure is an ordinary display output
-    (a ``Shown``) that the controls update in place through its display id: no Output widget, so
-    nothing waits on a frontend, and a notebook saved with its outputs keeps the figure of the
-    last settings (plotly JSON and SVG) even where the controls cannot render."""
+    """Controls (ipywidgets) above a figure, in one box (``.box``). The figure lives in an
+    ``Output`` widget whose ``outputs`` are set directly to the ``Shown``'s output (plotly JSON,
+    SVG, text): no output capture, so nothing waits on a frontend, and JupyterLab draws it with its
+    plotly extension as it draws any output."""
 
     css = "moe-live-view"
 
     def __init__(self, controls=(), shown: Shown | None = None):
-        self.box = widgets.VBox(list(controls))
+        self.output = widgets.Output()
+        self.output.add_class(f"{self.css}-figure")
+        self.box = _ViewBox(list(controls) + [self.output])
         self.box.add_class(self.css)
-        self.shown, self._handle = shown, None
+        self.shown = None
+        if shown is not None:
+            self.show(shown)
 
     def show(self, shown: Shown) -> None:
-        self.shown = shown
-        if self._handle is not None:
-            self._handle.update(shown)
+        self.shown = self.box._shown = shown
+        self.output.outputs = ({"output_type": "display_data", "data": shown._repr_mimebundle_(),
+                                "metadata": {}},)
 
     def _ipython_display_(self):
         from IPython.display import display
-        if self.box.children:
-            display(self.box)
-        self._handle = display(self.shown, display_id=True)
+        display(self.box)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.shown.text if self.shown else ''}>"

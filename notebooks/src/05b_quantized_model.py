@@ -117,7 +117,7 @@ from moe_colab.tiny.data import read_sources, stdlib_files
 _, heldout, stdlib = stdlib_files()
 text = "\n".join(read_sources(heldout))
 N_TOKENS = 768                                        # 3 windows of 256: seconds on a CPU
-tokens = torch.tensor(tokenizer(text).input_ids[:N_TOKENS])
+tokens = torch.tensor(tokenizer(text, verbose=False).input_ids[:N_TOKENS])   # no "too long" warning: we cut it
 print(f"held-out text: {len(heldout)} files of {stdlib} ({', '.join(p.name for p in heldout[:4])}, ...), "
       f"{tokens.numel()} tokens scored")
 seq_len = min(256, cfg.max_position_embeddings)
