@@ -202,6 +202,9 @@ BAD_ARGUMENTS = {
     "device-mps": (dict(device="mps"), ValueError, r"unsupported device 'mps'"),
     "quant-bogus": (dict(quant="bogus"), ValueError, r"unknown quantization preset 'bogus'"),
     "quant-int": (dict(quant=4), TypeError, r"quant must be None, a preset name or a QuantConfig"),
+    "extra_host_rows": (dict(extra_host_rows=-1, swap=True), ValueError, r"extra_host_rows must be an int >= 0"),
+    "quant-groups": (dict(quant="paper-2bit"), ValueError, r"attn_group_size=64 does not divide the input "
+                                                           r"dimension 32"),
 }
 
 
@@ -360,10 +363,11 @@ def test_save_pretrained_refuses_clearly(ck, tmp_path):
     (torch.tensor([[3, 400, 5]]), r"token id 400, outside this model's vocabulary 0..127"),
     (torch.tensor([[3, -1, 5]]), r"token id -1, outside this model's vocabulary"),
     (torch.zeros(1, 0, dtype=torch.long), r"input_ids is empty"),
-], ids=["beyond-vocab", "negative", "empty"])
+    (torch.tensor([[3.0, 4.0]]), r"scalar types: Long, Int; but got torch.FloatTensor"),   # transformers' own
+], ids=["beyond-vocab", "negative", "empty", "float"])
 def test_a_prompt_the_embedding_cannot_read_is_named(ck, ids, message):
     model = load(ck)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert torch.equal(greedy(model)[0], greedy(load(ck))[0])
 

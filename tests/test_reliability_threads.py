@@ -143,3 +143,38 @@ def test_the_lock_is_visible_and_generate_keeps_its_signature(ckpt):
         assert t.is_alive() and not result, "generate ran while another thread held offload_lock"
     t.join(timeout=60)
     assert result
+
+
+# -- CUDA: streams, events and CUDA graphs under threads ---------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def gpu_ckpt(tmp_path_factory):
+    # Experts large enough (~2.9 MB in fp16) that copies overlap compute and guesses are queued.
+    return write_checkpoint(tmp_path_factory.mktemp("threads_gpu") / "ck", layers=4, experts=8, top_k=2, heads=8,
+                            kv_heads=2, hidden=512, intermediate=1408, vocab=512, seed=32)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("swap", [False, True], ids=["copy", "swap"])
+def test_concurrent_generate_on_cuda_equals_each_run_alone(gpu_ckpt, swap):
+    """On the GPU the oracle is the same engine run alone (test_engine_gpu checks it against
+    transformers; the engine's logits do not depend on what is cached: test_stress_no_half_written_slot)."""
+    def cuda_load():
+        return moe_colab.load_model(gpu_ckpt, device="cuda", dtype=torch.float16, progress=False,
+                                    experts_on_device=3, prefetch=2, swap=swap)
+    cases = [(ids.cuda(), mask.cuda()) for ids, mask in prompts()]
+    alone = cuda_load()
+    want = [tuple(t.cpu() for t in greedy(alone, *c)) for c in cases]
+    del alone
+    model = cuda_load()
+    for round_ in range(2):
+        got, errors = run_together(model, cases)
+        assert errors == []
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g[0].cpu(), w[0]), f"round {round_}, thread {i}: tokens differ"
+            torch.testing.assert_close(g[1].cpu(), w[1], atol=5e-3, rtol=0)
+    fresh = moe_colab.load_model(gpu_ckpt, device="cpu", dtype=torch.float16, progress=False, experts_on_device=3)
+    assert_cache_consistent(model, fresh)
