@@ -395,3 +395,18 @@ def test_a_text_generation_pipeline_runs(tmp_path):
     ours = pipeline("text-generation", model=load(path), tokenizer=tok, device="cpu")   # calls model.to("cpu")
     kw = dict(max_new_tokens=6, do_sample=False)
     assert ours("def f(x):", **kw)[0]["generated_text"] == ref("def f(x):", **kw)[0]["generated_text"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_an_expert_stored_in_another_dtype_is_cast_as_transformers_casts_it(ck, tmp_path, dtype):
+    odd = edited(ck, tmp_path / "odd", _set(W1, lambda sd: sd[W1].mul(40).to(dtype)))
+    ref = MixtralForCausalLM.from_pretrained(odd, dtype=torch.float32)
+    want, got = greedy(ref), greedy(load(odd))
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+
+
+def test_a_directory_without_config_json_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no config.json in .*empty"):
+        load(tmp_path / "empty")
