@@ -1,7 +1,8 @@
 """Settings: named model presets, and the engine's one options object.
 
 A preset is plain data (like nanoGPT's GPTConfig), so notebooks, the planner and the benchmark
-can build a config without touching any weights. Quantization presets live in
+can build a config without touching any weights: Mixtral's in ``MODEL_PRESETS``, the other
+families' published models in ``FAMILY_PRESETS`` (``preset_config(name)`` builds either). Quantization presets live in
 ``moe_colab.quant.config``. ``OffloadOptions`` holds every engine setting; the library keeps
 no process-wide switches, and environment variables (``ENVIRONMENT``) only set defaults.
 
@@ -36,10 +37,61 @@ MODEL_PRESETS: dict[str, dict] = {
     ),
 }
 
+# The other families' published models: name -> (model_type, keyword arguments of the family's
+# transformers config class), from each model's config.json; tests/test_family_plans.py checks
+# them against transformers' classes and the published parameter counts.
+FAMILY_PRESETS: dict[str, tuple[str, dict]] = {
+    # Qwen3-30B-A3B (and Qwen3-Coder-30B-A3B): 30.5B parameters, 3.3B active
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)),
+    # gpt-oss-20b: 20.9B parameters, 3.6B active; experts published in MXFP4
+    "gpt-oss-20b": ("gpt_oss", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, swiglu_limit=7.0, tie_word_embeddings=False)),
+    # OLMoE-1B-7B (0924): 6.9B parameters, 1.3B active
+    "olmoe-1b-7b": ("olmoe", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=False)),
+    # DeepSeek-V2-Lite: 15.7B parameters, 2.4B active; MLA attention, layer 0 dense, 2 shared experts
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+        n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    # Qwen1.5-MoE-A2.7B: 14.3B parameters, 2.7B active; a shared expert of 5632 with a sigmoid gate
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=8192,
+        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)),
+    # Phi-3.5-MoE-instruct: 41.9B parameters, 6.6B active; sparse-mixer top-2
+    "phi-3.5-moe": ("phimoe", dict(
+        vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        router_jitter_noise=0.01, input_jitter_noise=0.01, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)),
+}
+
 # Hub ids the loader accepts by short name.
 HUB_ALIASES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "mixtral-8x7b-instruct": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+}
+# Hub ids of the presets: the planner answers for them without downloading their config.json.
+PRESET_HUB_IDS: dict[str, str] = {
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b",
+    "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3-30b-a3b", "openai/gpt-oss-20b": "gpt-oss-20b",
+    "allenai/OLMoE-1B-7B-0924": "olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924-Instruct": "olmoe-1b-7b",
+    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
+    "Qwen/Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen1.5-moe-a2.7b",
+    "microsoft/Phi-3.5-MoE-instruct": "phi-3.5-moe",
 }
 
 
@@ -50,6 +102,23 @@ def mixtral_config(name: str, **overrides):
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return MixtralConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+def preset_names() -> list[str]:
+    """Every model preset: Mixtral's (MODEL_PRESETS) and the other families' (FAMILY_PRESETS)."""
+    return sorted(MODEL_PRESETS) + sorted(FAMILY_PRESETS)
+
+
+def preset_config(name: str, **overrides):
+    """The transformers config (the family's own class) of a named preset: "mixtral-8x7b",
+    "qwen3-30b-a3b", "gpt-oss-20b", "olmoe-1b-7b", "deepseek-v2-lite", "qwen1.5-moe-a2.7b", ..."""
+    if name in MODEL_PRESETS:
+        return mixtral_config(name, **overrides)
+    if name not in FAMILY_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {preset_names()}")
+    from .adapters import adapter_for
+    model_type, kwargs = FAMILY_PRESETS[name]
+    return adapter_for(model_type).config_class()(**{**kwargs, **overrides})
 
 
 # Every environment variable moe_colab reads, in one place (docs/engine.md lists them too).

@@ -1,8 +1,11 @@
-"""How many bytes each part of a Mixtral takes in this package, computed from shapes alone.
+"""How many bytes each part of a model takes in this package, computed from shapes alone.
 
     expert_bytes          one packed expert: the exact ExpertFormat layout the engine copies
-    trunk_bytes           embeddings, lm_head, attention (low-bit or 16-bit), routers, norms
-    kv_cache_bytes        transformers' KV cache for a context, batch 1
+    trunk_bytes           embeddings, lm_head, attention (low-bit or 16-bit), routers, norms,
+                          dense layers' MLPs and shared experts (never offloaded)
+    trunk_inventory       every trunk tensor of a config (name, shape, part), from the family's
+                          transformers class built on the meta device (nothing allocated)
+    kv_cache_bytes        transformers' KV cache for a context, batch 1 (GQA, or DeepSeek's latent)
     workspace_bytes       temporaries of one prefill (an estimate)
     pinned_allocation_bytes   what torch's pinned host allocator takes for one request
     parse_bytes           "15GiB" -> 16106127360
@@ -12,7 +15,10 @@ Reference: Eliseev & Mazur, arXiv 2312.17238, sections 3.1-3.3.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import re
 
 import torch
 
@@ -25,51 +31,96 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def expert_bytes(config, qcfg, dtype: torch.dtype) -> int:
-    """Bytes of one packed expert: the exact layout the engine copies."""
-    from .engine.storage import DenseExpertFormat
-    if qcfg is None or qcfg.expert_bits == 16:
-        return DenseExpertFormat(config.hidden_size, config.intermediate_size, dtype).layout.nbytes
-    from .quant.format import QuantizedExpertFormat
-    return QuantizedExpertFormat(config.hidden_size, config.intermediate_size, qcfg, dtype).layout.nbytes
+    """Bytes of one packed expert: the exact layout the engine copies (any family's expert)."""
+    from .quant.format import expert_format
+    return expert_format(config, qcfg, dtype).layout.nbytes
+
+
+# parts of the trunk (trunk_inventory)
+EMBEDDINGS, ATTN_PROJ, ATTN_OTHER, ROUTERS_NORMS, DENSE_SHARED = (
+    "embeddings", "attention projection", "attention other", "routers and norms", "dense and shared MLPs")
+
+
+@functools.lru_cache(maxsize=64)
+def _inventory(model_type: str, config_json: str, dtype: torch.dtype):
+    from .adapters import adapter_for
+    from .engine.build import keep_fp32_
+    adapter = adapter_for(model_type)
+    config = adapter.config_class().from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = adapter.model_class()(config)
+    keep_fp32_(model.to(dtype), dtype)
+    moe = set(adapter.moe_layers(config))
+    projections = set(adapter.attention_projections(config))
+    kept = (adapter.router_attr,) + tuple(adapter.kept_attrs)
+    tied = getattr(config, "tie_word_embeddings", False)
+    rows = []
+    for name, p in model.named_parameters(remove_duplicate=True):
+        m = re.match(r"^model\.layers\.(\d+)\.(\w+)\.(\w+)", name)
+        layer, module, sub = (int(m[1]), m[2], m[3]) if m else (None, None, None)
+        if layer in moe and module == "mlp" and sub not in kept:
+            continue                                    # routed experts: the store, not the trunk
+        if layer is None and ("embed_tokens" in name or "lm_head" in name):
+            part = EMBEDDINGS
+        elif module == "self_attn":
+            part = ATTN_PROJ if sub in projections and name.endswith(f"{sub}.weight") and p.dim() == 2 else ATTN_OTHER
+        elif module == "mlp" and (layer not in moe or sub in adapter.kept_attrs):
+            part = DENSE_SHARED
+        else:
+            part = ROUTERS_NORMS
+        rows.append((name, tuple(p.shape), p.element_size(), part))
+    for prefix, module in model.named_modules():                       # persistent buffers
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                rows.append((f"{prefix}.{name}", tuple(buf.shape), buf.element_size(), ROUTERS_NORMS))
+    return tuple(rows), bool(tied)
+
+
+def trunk_inventory(config, dtype: torch.dtype = torch.float16) -> list[tuple[str, tuple, int, str]]:
+    """(name, shape, bytes per element as the engine holds it, part) of every trunk tensor of
+    ``config`` (any supported family): the family's transformers model on the meta device minus
+    its routed experts. Bytes per element: ``dtype``, or 4 where transformers keeps float32."""
+    return list(_inventory(config.model_type, config.to_json_string(use_diff=False), dtype)[0])
 
 
 def trunk_bytes(config, qcfg, dtype: torch.dtype) -> int:
-    """Bytes of everything but the experts, as the loaded model holds it on the device."""
+    """Bytes of everything but the routed experts, as the loaded model holds it on the device:
+    every trunk tensor (trunk_inventory) in its dtype, attention projections in the low-bit
+    format when ``qcfg`` quantizes attention."""
     from .quant.size import matrix_bytes
-    b = _itemsize(dtype)
-    h, v, L, E = config.hidden_size, config.vocab_size, config.num_hidden_layers, config.num_local_experts
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    shapes = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd)]
-    if qcfg is None or qcfg.attn_bits == 16:
-        attn = sum(o * i for o, i in shapes) * b
-    else:
-        attn = sum(matrix_bytes(s, *qcfg.matrix("attn")) for s in shapes)
-    embed = (1 if getattr(config, "tie_word_embeddings", False) else 2) * v * h * b
-    return embed + L * (attn + (E + 2) * h * b) + h * b
+    quant = qcfg is not None and qcfg.attn_bits != 16
+    total = 0
+    for _, shape, size, part in trunk_inventory(config, dtype):
+        if quant and part == ATTN_PROJ:
+            total += matrix_bytes(shape, *qcfg.matrix("attn"))
+        else:
+            total += math.prod(shape) * size
+    return total
 
 
 def kv_cache_bytes(config, dtype: torch.dtype, max_context: int, batch: int = 1) -> int:
-    b = _itemsize(dtype)
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * hd * max_context * batch * b
+    """transformers' KV cache after ``max_context`` tokens: the family's rule (adapter.kv_cache_bytes)."""
+    from .adapters import adapter_for
+    return adapter_for(config).kv_cache_bytes(config, dtype, max_context, batch)
 
 
 def workspace_bytes(config, qcfg, dtype: torch.dtype, tokens: int, device_type: str) -> int:
     """Temporaries of one forward over ``tokens`` tokens (a prefill), batch 1: an estimate."""
+    from .adapters import adapter_for
+    ad = adapter_for(config)
     b = _itemsize(dtype)
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    heads, kv, k, E = (config.num_attention_heads, config.num_key_value_heads,
-                       config.num_experts_per_tok, config.num_local_experts)
-    hd = getattr(config, "head_dim", None) or h // heads
-    attention = tokens * (4 * h + 2 * kv * hd + 2 * heads * hd) * b     # x, norm, q, k, v, attn, o
-    moe = tokens * ((3 * i + (k + 3) * h) * b + 2 * E * 4)              # gate/up/act, outputs, router
+    h, i, v = config.hidden_size, ad.expert_size(config), config.vocab_size
+    k, E = ad.top_k(config), ad.num_experts(config)
+    attention = tokens * ad.attention_temporaries(config) * b          # x, norm, q, k, v, attn, o
+    wide = max(i, ad.dense_intermediate(config), ad.shared_intermediate(config))   # dense/shared MLPs too
+    moe = tokens * ((3 * wide + (k + 3) * h) * b + 2 * E * 4)           # gate/up/act, outputs, router
     dequant = 0
     if qcfg is not None and qcfg.expert_bits != 16:
         # Prefill multiplies through one dequantized matrix at a time: the Triton path writes it
         # in the model dtype; the torch path (CPU) goes through float32 temporaries.
         dequant = i * h * (b if device_type == "cuda" else 14)
-    kv_step = 2 * kv * hd * tokens * b              # one layer's KV exists twice while it grows
+    # one layer's KV exists twice while it grows
+    kv_step = ad.kv_cache_bytes(config, dtype, tokens) // max(1, config.num_hidden_layers)
     logits = 3 * v * 4                              # last-token logits in float32, softmax, sampling
     return attention + moe + dequant + kv_step + logits + FIXED_WORKSPACE
 

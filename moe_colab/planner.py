@@ -59,6 +59,11 @@ COLAB_T4 = dict(device_bytes=15 * GiB, host_bytes=int(12.7e9))   # the free tier
 SPARE_SLOTS = 2                      # swap mode's shared device slots (OffloadOptions.spare_slots)
 
 
+SCALING_HINT = ("for more throughput or a model beyond one machine's memory: serve the original checkpoint "
+                "with vLLM or SGLang across GPUs (tensor or expert parallelism); docs/scaling.md has the "
+                "command for each family")
+
+
 class PlanError(ValueError):
     """Nothing fits: raised before any allocation, with the numbers and what to change."""
 
@@ -193,33 +198,37 @@ def _gib(n: int) -> str:
 # -- what the model is -------------------------------------------------------------------------
 def _describe_model(model_or_config, quant):
     """(name, transformers config, QuantConfig | None, exact expert bytes | None, source_is_original)."""
-    from .config import HUB_ALIASES, MODEL_PRESETS, mixtral_config
+    from transformers import PretrainedConfig
+
+    from .adapters import adapter_for
+    from .config import PRESET_HUB_IDS, preset_config, preset_names
     from .quant.config import resolve_quant
 
     m = model_or_config
     if hasattr(m, "moe_cache"):                                  # a loaded offloaded model
         qcfg = getattr(m.moe_cache.store.format, "qcfg", None) or resolve_quant(quant)
         return type(m).__name__, m.config, qcfg, m.moe_cache.store.nbytes, False
-    if hasattr(m, "config") and hasattr(m.config, "num_local_experts"):
-        m = m.config
-    if hasattr(m, "num_local_experts"):                          # a transformers config
+    if not isinstance(m, PretrainedConfig) and isinstance(getattr(m, "config", None), PretrainedConfig):
+        m = m.config                                             # a transformers model
+    if isinstance(m, PretrainedConfig):                          # a transformers config
+        adapter_for(m)                                           # refuses an unsupported family
         return getattr(m, "_name_or_path", "") or "model", m, resolve_quant(quant), None, False
     if not isinstance(m, (str, os.PathLike)):
-        raise TypeError(f"plan() takes a model, a MixtralConfig, a preset name or a checkpoint path, "
-                        f"got {type(m).__name__}")
+        raise TypeError(f"plan() takes a model, a config (MixtralConfig, Qwen3MoeConfig, ...), a preset name or "
+                        f"a checkpoint path, got {type(m).__name__}")
     name = str(m)
     for alias, preset in (("mixtral-8x7b-instruct", "mixtral-8x7b"),):
         if name == alias:
             name = preset
-    if name in MODEL_PRESETS:
-        return str(m), mixtral_config(name), resolve_quant(quant), None, False
+    if name in preset_names():
+        return str(m), preset_config(name), resolve_quant(quant), None, False
     from .checkpoint import builtin_model_path
     path = builtin_model_path(name) or Path(name).expanduser()
-    if not path.is_dir() and name.count("/") == 1 and name not in HUB_ALIASES.values():
+    if not path.is_dir() and name in PRESET_HUB_IDS:             # a published model we have a preset of
+        return name, preset_config(PRESET_HUB_IDS[name]), resolve_quant(quant), None, False
+    if not path.is_dir() and name.count("/") == 1:
         from huggingface_hub import hf_hub_download   # only the small config.json
         path = Path(hf_hub_download(name, "config.json")).parent
-    elif not path.is_dir() and name in HUB_ALIASES.values():
-        return name, mixtral_config("mixtral-8x7b"), resolve_quant(quant), None, False
     from .convert.manifest import MANIFEST
     if (path / MANIFEST).is_file():                              # our quantized directory
         from .quant.config import QuantConfig
@@ -231,10 +240,11 @@ def _describe_model(model_or_config, quant):
             raise ValueError(f"{path} holds {qcfg.name!r}, not {wanted.name!r}")
         return path.name, model_config(manifest), qcfg, int(manifest["expert_nbytes"]), False
     if (path / "config.json").is_file():
-        from transformers import MixtralConfig
-        cfg = MixtralConfig.from_dict(json.loads((path / "config.json").read_text()))
+        cfg_dict = json.loads((path / "config.json").read_text())
+        adapter = adapter_for(cfg_dict)                          # refuses an unsupported family
+        cfg = adapter.prepare_config(adapter.config_class().from_dict(cfg_dict))
         return path.name, cfg, resolve_quant(quant), None, True
-    raise FileNotFoundError(f"plan(): {name!r} is not a preset ({sorted(MODEL_PRESETS)}), a checkpoint "
+    raise FileNotFoundError(f"plan(): {name!r} is not a preset ({preset_names()}), a checkpoint "
                             f"directory or a Hub id")
 
 
@@ -267,8 +277,11 @@ def plan(model_or_config, quant=None, device_bytes=None, host_bytes=None, max_co
          pinned_rounding: bool = False) -> Plan:
     """The largest number of experts per layer that fits, and whether swap mode is needed.
 
-    model_or_config: a preset name ("mixtral-8x7b"), a MixtralConfig, a checkpoint directory
-        (original or our quantized one), a Hub id (config.json only) or a loaded model.
+    model_or_config: a preset name ("mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "olmoe-1b-7b",
+        "deepseek-v2-lite", "qwen1.5-moe-a2.7b", "phi-3.5-moe": moe_colab.config.preset_names()),
+        a transformers config of a supported family, a checkpoint directory (original or our
+        quantized one), a Hub id (config.json only; the presets' ids need no network) or a
+        loaded model. An unsupported model_type is refused (ValueError naming the supported ones).
     quant: None (16-bit), a preset ("paper-2bit", "paper-3bit") or a QuantConfig.
     device_bytes / host_bytes: budgets in bytes; None measures this machine (free CUDA memory,
         available host memory). device: "cuda" or "cpu" (default: cuda when device_bytes is
@@ -308,7 +321,10 @@ def _search(model, *, device_type, dtype, max_context, budgets, pinned_rounding=
         if qcfg.is_noop:
             qcfg = None
     dev_budget, host_budget, host_measured = budgets
-    E, L, top_k = config.num_local_experts, config.num_hidden_layers, config.num_experts_per_tok
+    from .adapters import adapter_for
+    adapter = adapter_for(config)
+    # L: MoE layers (the cache's layers); dense layers and shared experts are in the trunk
+    E, L, top_k = adapter.num_experts(config), adapter.num_layers(config), adapter.top_k(config)
     eb = exact_expert or expert_bytes(config, qcfg, dtype)
     trunk = trunk_bytes(config, qcfg, dtype)
     # Loading reads the trunk whole (16-bit when quantizing at load time) and one layer's experts.
@@ -382,8 +398,10 @@ def _refusal(p: Plan, model, args, choice) -> str:
     name, config, qcfg, exact, original = model
     from .quant.config import PRESETS
     if exact is None:                       # a fixed quantized directory cannot change scheme
+        seen = set()
         for preset, cfg in PRESETS.items():
-            if preset != p.scheme:
+            if preset != p.scheme and cfg != qcfg and cfg not in seen:      # aliases once
+                seen.add(cfg)
                 alt = _try((name, config, cfg, None, original), args, choice)
                 if alt:
                     suggestions.append(f"quant={preset!r}: {_short(alt)}")
@@ -413,6 +431,7 @@ def _refusal(p: Plan, model, args, choice) -> str:
     if not suggestions:
         suggestions.append("nothing at these budgets: use a machine with more memory (a bigger GPU, or more "
                            "host RAM for the offloaded experts)")
+    suggestions.append(SCALING_HINT)
     return "\n".join(lines + [f"  - {s}" for s in suggestions])
 
 

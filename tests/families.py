@@ -73,17 +73,17 @@ FAMILY_CHECKPOINTS = {
     # V2's routing: group-limited greedy, scaled weights, q_lora
     "dsv2-L3-E8-k3-grouped-sharded": ("deepseek_v2", dict(
         COMMON, **MLA, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8,
-        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24,
+        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0), "40KB",
         "per_expert"),
     # V3: sigmoid + correction bias, group top-2 sums, renormalised x 2.5, two dense layers
     "dsv3-L4-E8-k2-sharded": ("deepseek_v3", dict(
         COMMON, **MLA, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2, q_lora_rank=24, n_group=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2, q_lora_rank=32, n_group=4,
         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True), "40KB", "per_expert"),
     "dsv3-L2-E4-k2-onegroup": ("deepseek_v3", dict(
         COMMON, **MLA, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=4,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, n_group=1,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, n_group=1,
         topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=False), None, "per_expert"),
     # GPT-OSS: fused bf16-style tensors with biases; sliding window on alternate layers; sinks
     "gptoss-L2-E8-k2": ("gpt_oss", dict(

@@ -139,6 +139,14 @@ class MoEAdapter:
                 "expert": {"w1/w3 (hidden_size)": h, "w2 (expert intermediate size)": i}}
 
     @classmethod
+    def attention_temporaries(cls, config) -> int:
+        """Values per token that one attention layer's forward holds at once (x, norm, q, k, v,
+        attention output, o): the planner's workspace estimate."""
+        h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        hd = getattr(config, "head_dim", None) or h // heads
+        return 4 * h + 2 * kv * hd + 2 * heads * hd
+
+    @classmethod
     def kv_cache_bytes(cls, config, dtype: torch.dtype, tokens: int, batch: int = 1) -> int:
         """Bytes of transformers' KV cache after ``tokens`` tokens (GQA: keys and values per layer)."""
         b = torch.empty((), dtype=dtype).element_size()

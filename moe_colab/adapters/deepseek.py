@@ -77,6 +77,13 @@ class DeepseekV2Adapter(MoEAdapter):
                                          "w2 (moe_intermediate_size)": config.moe_intermediate_size}}
 
     @classmethod
+    def attention_temporaries(cls, config) -> int:
+        # MLA expands the cached latent into every head's keys and values on each step
+        heads, h = config.num_attention_heads, config.hidden_size
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        return 4 * h + heads * (2 * qk + 2 * config.v_head_dim) + config.kv_lora_rank + config.qk_rope_head_dim
+
+    @classmethod
     def kv_cache_bytes(cls, config, dtype: torch.dtype, tokens: int, batch: int = 1) -> int:
         # the compressed latent (k_nope: kv_lora_rank) and the shared rotary key (qk_rope_head_dim)
         b = torch.empty((), dtype=dtype).element_size()

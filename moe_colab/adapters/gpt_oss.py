@@ -57,6 +57,15 @@ class GptOssAdapter(MoEAdapter):
         return 0
 
     @classmethod
+    def kv_cache_bytes(cls, config, dtype: torch.dtype, tokens: int, batch: int = 1) -> int:
+        # sliding_attention layers keep the last sliding_window - 1 tokens (DynamicSlidingWindowLayer)
+        b = torch.empty((), dtype=dtype).element_size()
+        types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        held = sum(min(tokens, window - 1) if t == "sliding_attention" and window else tokens for t in types)
+        return 2 * config.num_key_value_heads * config.head_dim * held * batch * b
+
+    @classmethod
     def _expert_re(cls):
         return re.compile(r"(?!)")          # no per-expert keys: matches nothing
 

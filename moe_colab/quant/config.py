@@ -12,11 +12,13 @@ zeros share one 8-bit meta-quantization):
     16        -        -          16 (not quantized)
 
     QuantConfig(attn_bits=4, expert_bits=2)      == resolve_quant("paper-2bit")
-    QuantConfig(4, 3)                            == resolve_quant("paper-3bit")
+    QuantConfig(4, 3)                            == resolve_quant("paper-3bit") == resolve_quant("attn4-exp3")
+    QuantConfig(4, 4)                            == resolve_quant("attn4-exp4")
     QuantConfig(16, 2, expert_group_size=32)     any pair in {16, 4, 3, 2}, any dividing group
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 SUPPORTED_BITS = (16, 4, 3, 2)
@@ -112,7 +114,16 @@ class QuantConfig:
 PRESETS: dict[str, QuantConfig] = {
     "paper-2bit": QuantConfig(attn_bits=4, expert_bits=2),   # the paper's Colab demo
     "paper-3bit": QuantConfig(attn_bits=4, expert_bits=3),
+    # named for what they are (any family); the first two are the paper's presets again, and a
+    # QuantConfig's .name stays the paper's name for them
+    "attn4-exp2": QuantConfig(attn_bits=4, expert_bits=2),
+    "attn4-exp3": QuantConfig(attn_bits=4, expert_bits=3),
+    "attn4-exp4": QuantConfig(attn_bits=4, expert_bits=4),   # Qwen3-30B-A3B / gpt-oss-20b on a T4
+    "attn16-exp4": QuantConfig(attn_bits=16, expert_bits=4),
 }
+
+
+_NAME = re.compile(r"^attn(\d+)(?:g(\d+)s(\d+))?-exp(\d+)(?:g(\d+)s(\d+))?$")
 
 
 def resolve_quant(quant) -> QuantConfig | None:
@@ -125,6 +136,10 @@ def resolve_quant(quant) -> QuantConfig | None:
             return None
         if key in PRESETS:
             return PRESETS[key]
+        m = _NAME.match(key)
+        if m:              # a QuantConfig's own .name ("attn4g16s256-exp4g16s256", "attn16-exp2g16s128")
+            groups = [int(v) if v else None for v in m.groups()]
+            return QuantConfig(groups[0], groups[3], groups[1], groups[2], groups[4], groups[5])
         raise ValueError(f"unknown quantization preset {quant!r}; choose one of {sorted(PRESETS)}, "
                          f"None, or pass moe_colab.QuantConfig(attn_bits, expert_bits)")
     raise TypeError(f"quant must be None, a preset name or a QuantConfig, got {type(quant).__name__}")

@@ -58,37 +58,50 @@ def bits_per_weight(bits: int, group_size: int | None, scale_group: int | None, 
 
 
 def size_breakdown(config, quant=None, *, paper_3bit_packing: bool = False) -> dict[str, int]:
-    """Bytes of each part: embeddings (with lm_head), attention, experts, routers_norms."""
+    """Bytes of each part: embeddings (with lm_head), attention, experts (the routed experts of
+    every MoE layer), routers_norms; for families that have them also dense_shared (dense layers'
+    MLPs and shared experts, never offloaded). Any supported family (its adapter and its
+    transformers class on the meta device, moe_colab.memory.trunk_inventory); an unsupported
+    model_type is refused."""
+    from ..adapters import adapter_for
+    from ..memory import ATTN_OTHER, ATTN_PROJ, DENSE_SHARED, EMBEDDINGS, trunk_inventory
+    adapter = adapter_for(config)                    # refuses an unsupported family
     qcfg = resolve_quant(quant) or QuantConfig()
     qcfg.validate_for(config)
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    layers, experts = config.num_hidden_layers, config.num_local_experts
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    tied = getattr(config, "tie_word_embeddings", False)
-
+    fn = adapter.expert_fn(config)
+    h, i = fn.hidden, fn.intermediate
     attn_q = qcfg.matrix("attn")
-    attn = sum(matrix_bytes(s, *attn_q, paper_3bit_packing=paper_3bit_packing) for s in
-               [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim)])
-    if qcfg.expert_bits == 16:
-        expert = 3 * h * i * BYTES_16
-    else:
-        from .format import QuantizedExpertFormat
-        expert = QuantizedExpertFormat(h, i, qcfg).layout.nbytes     # one buffer, as stored and copied
+    parts = {"embeddings": 0, "attention": 0, "experts": 0, "routers_norms": 0, "dense_shared": 0}
+    for _, shape, _, part in trunk_inventory(config, torch.float16):     # 16-bit, as quantize writes
+        n = 1
+        for d in shape:
+            n *= d
+        if part == ATTN_PROJ:
+            parts["attention"] += matrix_bytes(shape, *attn_q, paper_3bit_packing=paper_3bit_packing)
+        elif part == ATTN_OTHER:
+            parts["attention"] += n * BYTES_16
+        elif part == EMBEDDINGS:
+            parts["embeddings"] += n * BYTES_16
+        elif part == DENSE_SHARED:
+            parts["dense_shared"] += n * BYTES_16
+        else:
+            parts["routers_norms"] += n * BYTES_16
+    from .format import expert_format
+    expert = expert_format(config, qcfg if qcfg.expert_bits != 16 else None).layout.nbytes   # one buffer, as stored
+    if qcfg.expert_bits != 16:
         if paper_3bit_packing and qcfg.expert_bits == 3:
             q = qcfg.matrix("expert")
             expert += sum(matrix_bytes(s, *q, paper_3bit_packing=True) - matrix_bytes(s, *q)
                           for s in [(i, h), (h, i), (i, h)])
-    return {
-        "embeddings": (1 if tied else 2) * v * h * BYTES_16,
-        "attention": layers * attn,
-        "experts": layers * experts * expert,
-        "routers_norms": layers * (experts * h + 2 * h) * BYTES_16 + h * BYTES_16,
-    }
+    parts["experts"] = adapter.num_layers(config) * adapter.num_experts(config) * expert
+    if not parts["dense_shared"]:
+        del parts["dense_shared"]                    # Mixtral, OLMoE, PhiMoE, GPT-OSS have none
+    return parts
 
 
 def estimate_size(config, quant=None) -> int:
-    """Total bytes of a MixtralConfig's weights under ``quant`` (None = 16-bit everywhere)."""
+    """Total bytes of a model config's weights under ``quant`` (None = 16-bit everywhere), as
+    quantize() writes them: any supported family (MixtralConfig, Qwen3MoeConfig, ...)."""
     return sum(size_breakdown(config, quant).values())
 
 
