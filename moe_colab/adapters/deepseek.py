@@ -92,8 +92,20 @@ class DeepseekV2Adapter(MoEAdapter):
 
     @classmethod
     def router_probs(cls, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        # the router's own scores, experts outside the chosen groups zeroed (group_limited_greedy)
         logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).float(), router.weight.float())
-        return torch.softmax(logits, dim=-1)
+        scores = torch.softmax(logits, dim=-1)                                          # [T, E]
+        if router.topk_method == "group_limited_greedy":
+            scores = _keep_groups(scores, scores.view(scores.shape[0], router.num_group, -1).max(-1).values,
+                                  router.topk_group)
+        return scores
+
+
+def _keep_groups(scores: torch.Tensor, group_scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """scores [T, E] with every expert outside the ``keep`` best groups (group_scores [T, G]) zeroed."""
+    T, G = group_scores.shape
+    mask = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, keep, dim=-1).indices, 1.0)
+    return scores * mask.repeat_interleave(scores.shape[1] // G, dim=1)
 
 
 class DeepseekV3Adapter(DeepseekV2Adapter):
@@ -110,5 +122,7 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
         # experts are chosen by sigmoid + correction bias: rank by that, scaled to sum to 1 so the
         # cache's "probability" rules (prefetch_min_prob, no more likely than the victim) still read
         logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).float(), router.weight.float())
-        score = (torch.sigmoid(logits) + router.e_score_correction_bias.float()).clamp(min=0)
-        return score / score.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        choice = torch.sigmoid(logits) + router.e_score_correction_bias.float()              # [T, E]
+        groups = choice.view(choice.shape[0], router.num_group, -1).topk(2, dim=-1).values.sum(-1)   # [T, G]
+        score = _keep_groups(choice.clamp(min=1e-6), groups, router.topk_group)
+        return score / score.sum(dim=-1, keepdim=True)

@@ -34,9 +34,10 @@ def _chunks(input_ids) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def layer_states(model, input_ids) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """One forward of one sequence: (experts [L, T, k], {"before": [L x [T, H]], "after": [...]})."""
+    """One forward of one sequence: (experts [L, T, k], {"before": [L x [T, H]], "after": [...]}),
+    L the MoE layers (dense layers have no router to guess for)."""
     ad = _adapter(model)
-    layers = ad.decoder_layers(model)
+    layers = ad.moe_decoder_layers(model)
     ids = _as_batch_one(input_ids).to(model.device)
     before: list = [None] * len(layers)
     after: list = [None] * len(layers)
@@ -74,12 +75,13 @@ def layer_states(model, input_ids) -> tuple[torch.Tensor, dict[str, list[torch.T
 def guess_probs(model, hidden: torch.Tensor, target_layer: int) -> torch.Tensor:
     """float [T, E]: router[target]( norm[target](hidden) ) probabilities, hidden [T, H]."""
     ad = _adapter(model)
-    layer = ad.decoder_layers(model)[target_layer]
+    layer = ad.moe_decoder_layers(model)[target_layer]
     return ad.router_probs(ad.router(ad.moe_block(layer)), ad.pre_moe_norm(layer)(hidden))
 
 
 def _check_args(model, ahead, source, max_prefetch):
-    L, E = model.config.num_hidden_layers, _adapter(model).num_experts(model.config)
+    ad = _adapter(model)
+    L, E = ad.num_layers(model.config), ad.num_experts(model.config)
     ahead = [ahead] if isinstance(ahead, int) else list(ahead)
     bad = [a for a in ahead if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < L]
     if bad or not ahead:
