@@ -194,9 +194,11 @@ def _rt(**kw):
 
 
 def test_runtime_tells_colab_cpu_users_the_menu_path():
-    text = describe(_rt(colab=True))
+    text = describe(_rt(colab=True), asked_for_real=True)
     assert COLAB_GPU_MENU in text and "T4 GPU" in COLAB_GPU_MENU
-    assert COLAB_GPU_MENU not in describe(_rt(colab=False))
+    assert COLAB_GPU_MENU not in describe(_rt(colab=False), asked_for_real=True)
+    # without the real-model flag a CPU runtime is what the notebook asks for: no nudge to a GPU
+    assert COLAB_GPU_MENU not in describe(_rt(colab=True)) and "CPU is all" in describe(_rt(colab=True))
     gpu = describe(_rt(colab=True, device="cuda", gpu_name="Tesla T4", gpu_memory_gb=14.7,
                        model="mixtral-8x7b-instruct", dtype_name="float16", real_mixtral=True))
     assert COLAB_GPU_MENU not in gpu and "Tesla T4" in gpu

@@ -164,9 +164,11 @@ def describe(rt: Runtime, asked_for_real: bool = False) -> str:
         lines.append(f"device: cuda ({rt.gpu_name}, {rt.gpu_memory_gb:.1f} GiB)")
     else:
         lines.append("device: cpu (no CUDA GPU visible)")
-    if rt.colab and rt.device == "cpu":
+    if rt.colab and rt.device == "cpu" and asked_for_real:
         lines.append(f"This Colab runtime has no GPU. To get a free T4: {COLAB_GPU_MENU}, "
                      "then run the notebook again from the top.")
+    elif rt.device == "cpu" and not asked_for_real:
+        lines.append("a CPU is all this notebook needs with the small model")
     if asked_for_real and not rt.real_mixtral:
         lines.append("USE_REAL_MIXTRAL is True but there is no GPU: using the small 'tiny' model instead.")
     lines.append(f"model: {rt.model} ({rt.dtype_name} on {rt.device})")

@@ -61,6 +61,9 @@ class Shown:
     def __init__(self, figure: go.Figure, svg: str | None = None, text: str | None = None):
         if not figure.layout.colorway:
             figure.update_layout(colorway=list(S.LINES))      # the colours of the static picture
+        title = figure.layout.title.text
+        if title and "<br>" not in title and len(title) > 72:   # plotly never wraps a title: no clipping
+            figure.update_layout(title_text=_wrap(title), margin_t=max(figure.layout.margin.t or 0, 80))
         self.figure = figure
         self.svg = svg if svg is not None else S.figure_svg(figure)
         self.text = text or (figure.layout.title.text or "figure")
@@ -77,6 +80,18 @@ class Shown:
 
     def __repr__(self) -> str:
         return f"<{self.text}>"
+
+
+def _wrap(title: str, width: int = 72) -> str:
+    """Break a long title into lines of at most about ``width`` characters, at ", " or "; "."""
+    lines, line = [], ""
+    for part in title.replace("; ", ";\0").replace(", ", ",\0").split("\0"):
+        if line and len(line) + 1 + len(part) > width:
+            lines.append(line)
+            line = part
+        else:
+            line = f"{line} {part}" if line else part
+    return "<br>".join(lines + [line])
 
 
 def show(fig: go.Figure, svg: str | None = None) -> Shown:
@@ -304,9 +319,12 @@ def cache_figure(trace, events: "CacheEvents", tokens=None, title: str | None = 
     labels = token_labels(trace, tokens)
     text = np.array([html.escape(s, quote=False) for s in labels], dtype=object)
     custom = np.stack([np.broadcast_to(text, (L, T)), events.describe(experts)], axis=-1)
-    scale = [[0, HIT_MISS_COLOURS[0]], [0.5, HIT_MISS_COLOURS[1]], [1, HIT_MISS_COLOURS[2]]]
+    scale = []                                               # flat bands: 0 misses, some, all K
+    for m in range(K + 1):
+        c = _miss_colour(m, K)
+        scale += [[m / (K + 1), c], [(m + 1) / (K + 1), c]]
     fig = go.Figure(go.Heatmap(
-        z=misses, x=list(range(T)), y=list(range(L)), customdata=custom, zmin=0, zmax=K,
+        z=misses, x=list(range(T)), y=list(range(L)), customdata=custom, zmin=-0.5, zmax=K + 0.5,
         colorscale=scale, xgap=1 if T <= 120 else 0, ygap=1,
         colorbar=dict(title="misses", tickvals=list(range(K + 1)), thickness=14),
         hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>%{customdata[1]}<extra></extra>"))

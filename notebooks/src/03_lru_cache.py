@@ -195,23 +195,22 @@ cache_explorer(trace, cache_size=4, guesses=guesses)
 #
 #    ```python
 #    from collections import Counter
-#    def lfu_hits(tokens, k):
+#    def lfu_hits(requests, k):
 #        cache, uses, last, hits, clock = set(), Counter(), {}, 0, 0
-#        for needed in tokens:
+#        for needed in requests:
 #            needed = sorted(needed)
-#            for e in needed:
-#                if e in cache:
+#            for e in [e for e in needed if e in cache] + [e for e in needed if e not in cache]:
+#                if e in cache:                      # hits first, as the engine does
 #                    hits += 1
+#                elif len(cache) == k:               # evict the least used, ties: least recent
+#                    cache.remove(min(cache - set(needed), key=lambda x: (uses[x], last[x])))
+#                cache.add(e)
 #                clock += 1; uses[e] += 1; last[e] = clock
-#            for e in needed:
-#                if e not in cache:
-#                    if len(cache) == k:
-#                        cache.remove(min(cache - set(needed), key=lambda x: (uses[x], last[x])))
-#                    cache.add(e)
 #        return hits
 #    ```
-#    This counts a miss's use before loading, as `simulate_cache` does; ties between equally
-#    used experts need a rule, and any other rule (lowest id, FIFO) gives different evictions.
+#    With `k >= top_k` this gives `simulate_cache`'s LFU hits layer by layer. Many experts tie on
+#    their use count; the tie needs a rule (here and in the library: least recently used), and
+#    any other (lowest id, oldest load) evicts different experts and gives different hits.
 #    </details>
 #
 # 2. At which cache size does LRU first reach 90 % of Belady's hit ratio? Write it in `answer_2`.

@@ -116,7 +116,7 @@ from moe_colab.tiny.data import read_sources, stdlib_files
 
 _, heldout, stdlib = stdlib_files()
 text = "\n".join(read_sources(heldout))
-N_TOKENS = 768                                        # 3 windows of 256: seconds on a CPU
+N_TOKENS = 256                                        # one window of 256: 16 pairs x 1 forward pass
 tokens = torch.tensor(tokenizer(text, verbose=False).input_ids[:N_TOKENS])   # no "too long" warning: we cut it
 print(f"held-out text: {len(heldout)} files of {stdlib} ({', '.join(p.name for p in heldout[:4])}, ...), "
       f"{tokens.numel()} tokens scored")
@@ -154,7 +154,7 @@ print(f"on {tokens.numel()} tokens, fewer bits scored better in: {', '.join(out_
 # 2-bit experts) and +66 % with everything at 2 bits, attention being the more sensitive part
 # per parameter. On `tiny` the changes are far smaller, so small that a few hundred tokens need
 # not put them in order (the last line above names any pair where fewer bits scored better).
-# With 8,192 held-out tokens (half a minute on one CPU core; exercise 1), on the `tiny` of 2,000
+# With 8,192 held-out tokens (minutes on a CPU; exercise 1), on the `tiny` of 2,000
 # training steps, every pair was in the expected order and the largest change, 2-bit attention
 # with 2-bit experts, was +4.3 %. A model of 9 million parameters is far from Mixtral: treat its
 # column as a test that the whole path works, not as a prediction for Mixtral.
