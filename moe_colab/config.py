@@ -180,6 +180,8 @@ class OffloadOptions:
                                  #   for write-backs); the planner counts them
     extra_host_rows: int = 0     # swap mode: host rows beyond E - k + 1 (spread over layers), so
                                  #   an evicted expert more often still has its host copy
+    batched_experts: bool = True  # one token: a layer's selected experts run as one grouped call
+                                  #   per matrix when they fit its slots (engine/batched.py)
 
     @classmethod
     def defaults(cls, **changes) -> "OffloadOptions":
@@ -198,7 +200,7 @@ class OffloadOptions:
                                      ("kernels", self.kernels, KERNELS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name in ("swap", "cuda_graphs", "reuse"):
+        for name in ("swap", "cuda_graphs", "reuse", "batched_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("spare_slots", "extra_host_rows"):

@@ -238,7 +238,7 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
         router = kept.pop(adapter.router_attr)
         adapter.set_moe_block(layer, OffloadedMoE(l, router, cache, store.format, top_k, store.num_experts,
                                                   route=strategies.route, router_attr=adapter.router_attr,
-                                                  kept=kept, family=adapter))
+                                                  kept=kept, family=adapter, batched=options.batched_experts))
     model.to_empty(device=device)
     load_trunk(model, trunk_state, device, directory)
     del trunk_state

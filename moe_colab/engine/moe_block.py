@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .batched import BatchedExperts, hold_slots
 from .cache import ExpertCache
 from .prefetch import Speculator
 
@@ -48,7 +49,8 @@ class OffloadedMoE(nn.Module):
 
     def __init__(self, layer_idx: int, router: nn.Module, cache: ExpertCache, fmt, top_k: int,
                  num_experts: int, speculator: Speculator | None = None, route: RouteFn = route_with_router,
-                 *, router_attr: str = "gate", kept: dict[str, nn.Module] | None = None, family=None):
+                 *, router_attr: str = "gate", kept: dict[str, nn.Module] | None = None, family=None,
+                 batched: bool = False):
         super().__init__()
         self.layer_idx, self.top_k, self.num_experts = layer_idx, top_k, num_experts
         # The router (and shared experts) under the names transformers' block gives them: trunk
@@ -62,6 +64,8 @@ class OffloadedMoE(nn.Module):
         self.format = fmt                       # how an expert computes from its packed buffer
         self.speculator = speculator            # guesses layer l+1's experts (None: no prefetch)
         self.route = route
+        # one token: the layer's experts as one computation when they fit the slots (engine/batched.py)
+        self.batched = BatchedExperts(fmt) if batched else None
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, experts={self.num_experts}, top_k={self.top_k}, "
@@ -96,6 +100,9 @@ class OffloadedMoE(nn.Module):
         host = self.cache.sync(top_i, *_maybe(early), layer=self.layer_idx)
         chosen = host[:self.top_k]                                      # router order
         guess, prob = self._guess(host[self.top_k:])
+        needed = sorted(set(chosen))
+        if self.batched is not None and len(needed) <= self.cache.experts_on_device:
+            return self._one_token_batched(x, top_w, chosen, needed, guess, prob)
         partial: dict[int, torch.Tensor] = {}
         with closing(self.cache.experts(self.layer_idx, sorted(set(chosen)), guess, prob)) as ready:
             for expert, views in ready:
@@ -104,6 +111,21 @@ class OffloadedMoE(nn.Module):
         out = torch.zeros_like(x)
         for expert in sorted(partial):
             out += partial[expert].to(out.dtype)
+        return out
+
+    def _one_token_batched(self, x, top_w, chosen, needed, guess, prob) -> torch.Tensor:
+        """The layer's experts fit its slots together: collect every expert's views (hits first,
+        misses as they land), then one computation for all of them (engine/batched.py)."""
+        views: dict[int, object] = {}
+        with closing(self.cache.experts(self.layer_idx, needed, guess, prob)) as ready:
+            for expert, v in ready:
+                views[expert] = v
+        ys = self.batched([views[e] for e in needed], x)               # [n, 1, H]
+        hold_slots(self.cache)           # no copy may overwrite these slots under the batched kernels
+        out = torch.zeros_like(x)
+        for j, expert in enumerate(needed):                             # ascending expert order
+            i = chosen.index(expert)
+            out += (ys[j] * top_w[:, i:i + 1]).to(out.dtype)
         return out
 
     def _tokens(self, x, top_w, top_i, early) -> torch.Tensor:
