@@ -110,7 +110,7 @@ class OffloadedModelMixin:
         # .to/.half/.float/.bfloat16/.cuda/.cpu/.type all come here. Ask fn what it would do to
         # a trunk tensor: a change of device or dtype would leave the experts behind.
         if self._built():
-            p = next(t for t in self.parameters() if t.is_floating_point())
+            p = self.get_input_embeddings().weight      # in the model dtype (some routers stay fp32)
             try:
                 probe = fn(torch.empty(0, dtype=p.dtype, device=p.device))
                 target = f"{str(probe.dtype).removeprefix('torch.')} on {probe.device}"
