@@ -289,3 +289,38 @@ def test_notebook07_timeline_renders_and_follows_the_bandwidth(lab):
         finally:
             browser.close()
     print(f"notebook 07: {n} figures fit; token time {before} -> {after} ms")
+
+
+def test_a_saved_notebook_shows_its_figures_without_a_kernel(lab, monkeypatch):
+    """Notebook 03 executed headless (live widgets, as in a kernel) and saved WITH its outputs but
+    without widget state, then opened in JupyterLab and not run: every figure must still show
+    (plotly from the saved JSON, the live views' static SVG), never a widget's text repr."""
+    import nbformat
+    from nbclient import NotebookClient
+    from playwright.sync_api import sync_playwright
+
+    path = lab["root"] / "03_lru_cache.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.delenv("MOE_COLAB_STATIC", raising=False)      # live widgets, as in a kernel
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(lab["root"])}}).execute()
+    nb.metadata.pop("widgets", None)
+    saved = lab["root"] / "saved_03.ipynb"
+    nbformat.write(nb, saved)
+    with sync_playwright() as pw:
+        browser = _launch(pw)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(60_000)
+            page.goto(f"{lab['base']}/lab/tree/{saved.name}?token={lab['token']}", timeout=120_000)
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+            page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+            page.wait_for_timeout(3000)
+            texts = page.locator(".jp-OutputArea").all_inner_texts()
+            assert not [t for t in texts if "VBox(children" in t or "Loading widget" in t], \
+                "a widget shows as text instead of its picture"
+            pictures = page.locator(".jp-OutputArea-output img, .jp-OutputArea-output svg").count()
+            assert pictures >= 1, "no static picture rendered"
+            _assert_figures_fit(page)
+            page.screenshot(path=str(lab["tmp"] / "saved03.png"))
+        finally:
+            browser.close()

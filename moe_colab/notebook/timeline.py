@@ -205,7 +205,7 @@ def timeline_figure(rec: TokenRecord, bars: list[Bar], total_ms: float, bandwidt
 
 def _title(rec: TokenRecord, total_ms: float, bandwidth_gbps: float | None) -> str:
     how = ("measured with CUDA events" if bandwidth_gbps is None else
-           f"modelled: this {rec.device.upper()}'s host times, copies at {bandwidth_gbps:g} GB/s")
+           f"modelled: this {rec.device.upper()}'s host times, copies at {bandwidth_gbps:.3g} GB/s")
     return (f"One decoded token: {total_ms:.2f} ms ({1e3 / total_ms:.1f} tokens/s), {rec.cache_size} slots per layer"
             f"{', swap' if rec.swap else ''}; {how}")
 
