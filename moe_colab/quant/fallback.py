@@ -275,13 +275,18 @@ class CudaDequant:
 
     def _context(self):
         cu, ctx, check = self.cu, self.ctx, self._check
+        # cuda.h maps cuCtxPushCurrent/PopCurrent to their _v2 entry points; the unsuffixed
+        # symbols are the pre-3.2 ABI, which refuses today's contexts (CUDA_ERROR_INVALID_CONTEXT,
+        # seen on an H200 with driver 580).
+        push = getattr(cu, "cuCtxPushCurrent_v2", None) or cu.cuCtxPushCurrent
+        pop = getattr(cu, "cuCtxPopCurrent_v2", None) or cu.cuCtxPopCurrent
 
         class _Ctx:                       # the device's primary context (torch's), pushed around a call
             def __enter__(self):
-                check(cu.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+                check(push(ctx), "cuCtxPushCurrent")
 
             def __exit__(self, *exc):
-                cu.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
+                pop(ctypes.byref(ctypes.c_void_p()))
         return _Ctx()
 
     def __call__(self, mat, bits, group_size, scale_group, shape, rows, out: torch.Tensor) -> torch.Tensor:
