@@ -20,27 +20,32 @@ import psutil
 import torch
 from torch import nn
 
-from ..adapters.mixtral import MixtralAdapter
+from ..adapters import adapter_for
+from ..engine.build import keep_fp32_
 from ..engine.moe_block import RouteFn, route_with_router
 from ..quant.format import attach_quant_linears_
 from .synthetic import synthetic_trunk_state
 
 
 class NaiveMoE(nn.Module):
-    """A Mixtral MoE block whose experts are rows of one uint8 parameter [experts, nbytes]."""
+    """An MoE block whose experts are rows of one uint8 parameter [experts, nbytes]; the router
+    and shared experts kept under their names, the family's combine and output as OffloadedMoE's."""
 
     def __init__(self, layer_idx: int, router: nn.Module, experts: torch.Tensor, fmt, top_k: int,
-                 route: RouteFn = route_with_router):
+                 route: RouteFn = route_with_router, *, router_attr: str = "gate", kept=None, family=None):
         super().__init__()
         self.layer_idx, self.top_k, self.format = layer_idx, top_k, fmt
-        self.gate = router
+        self.router_attr, self.family = router_attr, family
+        self.add_module(router_attr, router)
+        for name, module in (kept or {}).items():
+            self.add_module(name, module)
         self.experts = nn.Parameter(experts, requires_grad=False)
         self.route = route          # the same routing strategy as OffloadedMoE's
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])                        # [T, H]
-        top_w, top_i = self.route(self.layer_idx, self.gate, x)        # [T, k] each
+        top_w, top_i = self.route(self.layer_idx, getattr(self, self.router_attr), x)   # [T, k] each
         flat = top_i.reshape(-1)
         counts = torch.bincount(flat, minlength=self.experts.shape[0]).tolist()
         order = torch.argsort(flat, stable=True)
@@ -54,7 +59,9 @@ class NaiveMoE(nn.Module):
                 y = self.format.forward(self.format.layout.views(self.experts[e]), x[tokens])
                 out.index_add_(0, tokens, (y * weights[sel, None]).to(out.dtype))
             start += c
-        return out.reshape(shape)
+        if self.family is None:
+            return out.reshape(shape)
+        return self.family.block_output(self.family.combine(self, x, out).reshape(shape), top_w)
 
 
 def _materialize_(model: nn.Module, device) -> None:
@@ -85,17 +92,19 @@ def build_naive(config, qcfg, store, *, device, dtype, seed: int, max_device_byt
     except ImportError as e:
         raise RuntimeError("the naive-offloading row needs accelerate (pip install accelerate)") from e
     device = torch.device(device)
-    adapter = MixtralAdapter()
+    adapter = adapter_for(config)
     cls = adapter.model_class()
     config.dtype = dtype
     with torch.device("meta"):
         model = cls(config)
-    model = model.to(dtype)
+    model = keep_fp32_(model.to(dtype), dtype)          # float32 routers where transformers keeps them
     attach_quant_linears_(model, qcfg, device="meta")
-    for l, layer in enumerate(adapter.decoder_layers(model)):
-        router = adapter.router(adapter.moe_block(layer))
+    for l, layer in enumerate(adapter.moe_decoder_layers(model)):     # MoE layer l: the store's layer l
+        kept = adapter.kept_modules(adapter.moe_block(layer))
+        router = kept.pop(adapter.router_attr)
         adapter.set_moe_block(layer, NaiveMoE(l, router, store.buffers[l], store.format, adapter.top_k(config),
-                                              route=route))
+                                              route=route, router_attr=adapter.router_attr, kept=kept,
+                                              family=adapter))
     state = synthetic_trunk_state(model, seed, device, dtype)      # the same tensors as the engine's
     _materialize_(model, "cpu")
     targets = dict(model.named_parameters()) | dict(model.named_buffers())

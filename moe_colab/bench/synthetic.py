@@ -25,12 +25,12 @@ import zlib
 
 import torch
 
-from ..adapters.mixtral import MixtralAdapter
+from ..adapters import adapter_for
 from ..config import OffloadOptions, mixtral_config
 from ..engine.build import Strategies, build_engine
 from ..engine.cache import ExpertCache
 from ..engine.storage import ExpertStore
-from ..quant.format import QuantLinear, QuantizedExpertFormat
+from ..quant.format import QuantLinear, QuantizedExpertFormat, expert_format
 
 # --scale: Mixtral-8x7B itself, or smaller shapes (8 experts, top-2 kept) for smoke tests.
 SCALES = {
@@ -121,7 +121,7 @@ def trunk_tensor(name: str, shape, dtype, hidden: int, seed: int, device) -> tor
         return torch.ones(shape, dtype=dtype, device=device)
     g = generator(seed, name, device)
     t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
-    if name.endswith("mlp.gate.weight"):
+    if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
         t *= ROUTER_STD / math.sqrt(hidden)
     elif not name.endswith("embed_tokens.weight"):
         t /= math.sqrt(hidden)
@@ -134,6 +134,10 @@ def synthetic_trunk_state(model, seed: int, device, dtype) -> dict[str, torch.Te
     hidden = model.config.hidden_size
     state = {n: trunk_tensor(n, p.shape, dtype, hidden, seed, device)
              for n, p in model.named_parameters() if ".mlp.experts" not in n}
+    for prefix, module in model.named_modules():   # persistent buffers (DeepSeek-V3's correction bias): zeros
+        for n, b in module.named_buffers(recurse=False):
+            if b is not None and n not in module._non_persistent_buffers_set:
+                state[f"{prefix}.{n}"] = torch.zeros(b.shape, dtype=dtype, device=device)
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             mat = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in m.matrix().items()}
@@ -146,11 +150,10 @@ def make_store(config, qcfg, device, dtype, seed: int, progress=None, device_fir
                fill: bool = True, extra_rows: int = 0) -> ExpertStore:
     """An ExpertStore of synthetic experts (copy mode; swap mode with ``device_first`` = k, then
     filled by build_offloaded through its cache)."""
-    adapter = MixtralAdapter()
+    adapter = adapter_for(config)              # any family: its MoE layers, experts and expert format
     qcfg.validate_for(config)
-    fmt = QuantizedExpertFormat(config.hidden_size, config.intermediate_size, qcfg, dtype,
-                                adapter.activation(config))
-    store = ExpertStore(config.num_hidden_layers, config.num_local_experts, fmt,
+    fmt = expert_format(config, qcfg, dtype)
+    store = ExpertStore(adapter.num_layers(config), adapter.num_experts(config), fmt,
                         pin=torch.device(device).type == "cuda", device_first=device_first, extra_rows=extra_rows)
     if fill and not device_first:
         fill_store_(store, seed, device, progress)
@@ -162,7 +165,7 @@ def build_offloaded(config, qcfg, store: ExpertStore, options: OffloadOptions, *
     """The engine's model over ``store`` with synthetic trunk weights, assembled by build_engine
     (as load_model does, without a checkpoint). A swap-mode store is filled here, through the
     cache (its first experts live in device slots); a copy-mode store is shared as it is."""
-    adapter = MixtralAdapter()
+    adapter = adapter_for(config)
     options = options.validate(adapter.num_experts(config))
 
     def fill(cache, model) -> dict:
