@@ -1,2 +1,4 @@
-"""What the notebooks use: runtime checks (runtime.py) and widgets (widgets.py, plotly and
-ipywidgets, imported only when a widget is built)."""
+"""What the notebooks use: runtime checks and the one model/tokenizer load of a notebook
+(runtime.py), figures and live views (widgets.py, with static SVG pictures from svg.py), the
+token timeline of notebook 07 (timeline.py) and exercise checks (exercises.py). plotly and
+ipywidgets are imported only when a figure or widget is built."""
