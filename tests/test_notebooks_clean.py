@@ -160,6 +160,8 @@ def test_builder_expands_and_is_deterministic(tmp_path):
     assert "accelerator" not in nb.metadata and "jupytext" not in nb.metadata
     src.write_text(SOURCE.replace('tags=["setup"]', 'tags=["setup", "gpu"]'))
     assert _nbtools.build(src).metadata["colab"]["gpuType"] == "T4"
+    src.write_text(SOURCE.replace('# %% tags=["setup"]', "# %% [setup]"))     # the old marker still works
+    assert [c.cell_type for c in _nbtools.build(src).cells] == kinds
 
 
 def test_builder_uses_jupytext_and_rejects_stray_text(tmp_path):

@@ -88,6 +88,8 @@ def read(source: Path) -> nbformat.NotebookNode:
     text = source.read_text()
     if text.strip() and not text.lstrip().startswith("# %%"):
         raise ValueError(f"{source.name}: text before the first '# %%' marker")
+    # the marker of the hand-written builder this replaced, still accepted
+    text = re.sub(r"^# %% \[setup\]\s*$", '# %% tags=["setup"]', text, flags=re.M)
     return jupytext.reads(text, fmt="py:percent")
 
 
