@@ -41,9 +41,9 @@ def gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def verdict(quant, device_bytes, host_bytes, **kw) -> str:
+def verdict(quant, device_bytes, host_bytes, model=MODEL, **kw) -> str:
     try:
-        p = plan(MODEL, quant, device="cuda", device_bytes=device_bytes, host_bytes=host_bytes,
+        p = plan(model, quant, device="cuda", device_bytes=device_bytes, host_bytes=host_bytes,
                  dtype=torch.float16, **kw)
     except PlanError as e:
         first = str(e).splitlines()[1].strip()           # the line that says what does not fit
@@ -105,7 +105,38 @@ def report() -> str:
             "(k=2 on a 12 GB RTX 3060), and its Colab demo offloaded 4 of each layer's 8 experts and said it",
             "needs ~16 GB of GPU memory and ~11 GB of host RAM. Here k=5 is what the T4's GPU holds with the",
             "margins above, and swap mode is what lets 12.7 GB of host RAM hold the other experts.", ""]
-    return "\n".join(out)
+    return "\n".join(out + families_section())
+
+
+FAMILY_SCHEMES = [("16-bit", None), ("attn4-exp4", "attn4-exp4"), ("attn4-exp3", "attn4-exp3"),
+                  ("attn4-exp2", "attn4-exp2")]
+
+
+def families_section() -> list[str]:
+    """Every other family's preset (moe_colab.config.FAMILY_PRESETS) on a free T4: size, expert
+    size and the planner's verdict per scheme (a refusal points to docs/scaling.md)."""
+    from moe_colab.adapters import adapter_for
+    from moe_colab.config import FAMILY_PRESETS, preset_config
+    out = ["## Beyond Mixtral: every preset on a free T4", "",
+           "The same planner for the other families (`moe_colab.config.FAMILY_PRESETS`, checked against",
+           "transformers' config classes). E experts x top-k per MoE layer; sizes at 4-bit experts",
+           "(attn4-exp4); k of E on the GPU under 15 GiB of device and 12.7 GB of host memory. Dense",
+           "layers, shared experts and MLA/sliding attention are counted in the trunk. A refusal means:",
+           "several GPUs, see [scaling.md](scaling.md).", "",
+           "| preset | MoE layers x E x top-k | GiB at attn4-exp4 | one expert MiB (4-bit) | "
+           + " | ".join(f"T4, {label}" for label, _ in FAMILY_SCHEMES) + " |",
+           "|---|---|---:|---:|" + "---|" * len(FAMILY_SCHEMES)]
+    for name in sorted(FAMILY_PRESETS):
+        cfg = preset_config(name)
+        ad = adapter_for(cfg)
+        p = plan(name, "attn4-exp4", device="cuda", device_bytes=1000 * GiB, host_bytes=1000 * GiB)
+        out.append(f"| {name} | {ad.num_layers(cfg)} x {ad.num_experts(cfg)} x {ad.top_k(cfg)} | "
+                   f"{gib(estimate_size(cfg, 'attn4-exp4'))} | {p.expert_bytes / MiB:.2f} | "
+                   + " | ".join(verdict(q, COLAB_T4["device_bytes"], COLAB_T4["host_bytes"], model=name)
+                                for _, q in FAMILY_SCHEMES) + " |")
+    out += ["", "### Qwen3-30B-A3B at attn4-exp4 on a T4", "", "```",
+            str(plan("qwen3-30b-a3b", "attn4-exp4", device="cuda", **COLAB_T4)), "```", ""]
+    return out
 
 
 def _cfg():
