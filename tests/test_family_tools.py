@@ -85,3 +85,20 @@ def test_prefetch_recall_and_widgets(ckpts, name):
     assert len(fig.layout.xaxis.ticktext) == ids.shape[1]
     ev = W.cache_events(trace, 2, "lru")
     assert ev.hits.sum() == moe_colab.simulate_cache(trace, 2, "lru")["hits"]
+
+
+@pytest.mark.parametrize("name", ["qwen2-L4-E4-k2-step2-sharded", "gptoss-L2-E4-k2-mxfp4-sharded"])
+def test_shard_by_shard_from_the_hub_equals_quantize(name, tmp_path):
+    """quantize_from_hub (one shard at a time; MXFP4 blocks and scales may sit in different
+    shards) writes exactly what quantize() writes from the whole local checkpoint."""
+    from test_hub import FakeHub, assert_same_quantization
+
+    from moe_colab.convert.hub import quantize_from_hub
+    from moe_colab.quant.config import QuantConfig
+    ck = write_family_checkpoint(tmp_path / "ck", FAMILY_CHECKPOINTS[name], seed=4)
+    q = QuantConfig(16, 4, expert_group_size=16)
+    ref = moe_colab.quantize(ck, tmp_path / "ref", q, progress=False, device="cpu")
+    hub = FakeHub(ck, tmp_path / "scratch")
+    dst = quantize_from_hub("someone/family", tmp_path / "q", q, fetch=hub, device="cpu", progress=False)
+    assert len(hub.fetched) >= 2 and max(hub.on_disk) == 1
+    assert_same_quantization(dst, ref)
