@@ -181,4 +181,9 @@ def reference(path, spec, dtype=torch.float32, device="cpu"):
         from transformers import Mxfp4Config
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
     model = cls.from_pretrained(path, dtype=dtype, experts_implementation="eager", **kw)
+    if spec[3] == "mxfp4":      # transformers < 5.24 dequantizes MXFP4 to bf16 whatever dtype asks
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in layer.mlp.experts.parameters():
+                    p.data = p.data.to(dtype)
     return model.to(device).eval()
