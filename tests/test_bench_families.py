@@ -27,4 +27,4 @@ def test_family_bench_cpu_rows(model, tmp_path):
     assert rows["colab_copy"]["options"]["batched_experts"] and not rows["colab_copy_unbatched"]["options"]["batched_experts"]
     assert rows["colab_copy"]["profile"]["wall_ms_per_token"] > 0
     assert res["shapes"]["experts"] == 16 and res["shapes"]["top_k"] == 4
-    assert "attn4-exp4" in (tmp_path / "benchmarks_families.md").read_text()
+    assert "attn4-exp4" in (tmp_path / f"benchmarks_{model}.md").read_text()

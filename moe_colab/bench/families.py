@@ -22,7 +22,7 @@ Reported per row: decode tokens/s, hit ratio, bytes copied per token, the measur
 bandwidth, the T4 transfer estimate (12 GB/s over the bytes per token: bench/t4_estimate.py), and
 for the copy rows a decode profile (kernel launches and host time per token and per layer).
 The JSON goes to benchmarks/results/families_<model>_<name>.json; ``--out DIR`` adds a markdown
-table DIR/benchmarks_families.md.
+table DIR/benchmarks_<model>.md.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ class FamilyBench:
         self.path.write_text(json.dumps(self.res, indent=1))
         if self.args.out:
             Path(self.args.out).mkdir(parents=True, exist_ok=True)
-            (Path(self.args.out) / "benchmarks_families.md").write_text(markdown(self.res))
+            (Path(self.args.out) / f"benchmarks_{self.args.model}.md").write_text(markdown(self.res))
 
     def run(self) -> dict:
         a, dev = self.args, self.device
