@@ -139,6 +139,10 @@ ENVIRONMENT: dict[str, str] = {
 }
 
 GUESS_SOURCES = ("auto", "before", "after")
+# Batching a layer's experts saves launches but waits for all its copies before any compute; it
+# pays for many small experts (Qwen3: 8 of 128), not for Mixtral's 2 large ones (whose hits
+# compute while the misses are copied).
+BATCH_MIN_TOP_K = 4
 HOST_SYNCS = ("mapped", "copy")
 KERNELS = ("auto", "triton", "torch")
 
@@ -175,12 +179,14 @@ class OffloadOptions:
     host_sync: str = "mapped"    # how the router's choice reaches the host (engine/hostsync.py)
     reuse: bool = True           # False: every use is a miss (the benchmark's "no cache" row)
     kernels: str = "auto"        # low-bit matmuls: Triton where it runs, else torch (engine/compute.py)
-    prefetch_min_prob: float = 0.05   # a guess the next router gives less than this is not copied
+    prefetch_min_share: float = 0.4   # a guess the next router gives less than this share of a
+                                      #   uniform router's 1/E is not copied (0.05 for Mixtral's 8)
     spare_slots: int = 2         # swap mode: device slots any layer's load may take (no waiting
                                  #   for write-backs); the planner counts them
     extra_host_rows: int = 0     # swap mode: host rows beyond E - k + 1 (spread over layers), so
                                  #   an evicted expert more often still has its host copy
-    batched_experts: bool = True  # one token: a layer's selected experts run as one grouped call
+    batched_experts: bool | None = None   # one token: a layer's selected experts as one grouped call;
+                                           #   None: when top_k >= BATCH_MIN_TOP_K (many small experts)
                                   #   per matrix when they fit its slots (engine/batched.py)
 
     @classmethod
@@ -200,15 +206,18 @@ class OffloadOptions:
                                      ("kernels", self.kernels, KERNELS)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name in ("swap", "cuda_graphs", "reuse", "batched_experts"):
+        if self.batched_experts not in (None, True, False):
+            raise TypeError(f"batched_experts must be True, False or None (auto), got {self.batched_experts!r}")
+        for name in ("swap", "cuda_graphs", "reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("spare_slots", "extra_host_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not isinstance(self.prefetch_min_prob, (int, float)) or not 0 <= self.prefetch_min_prob <= 1:
-            raise ValueError(f"prefetch_min_prob must be in [0, 1], got {self.prefetch_min_prob!r}")
+        share = self.prefetch_min_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= num_experts:
+            raise ValueError(f"prefetch_min_share must be in [0, {num_experts}] (a share of 1/E), got {share!r}")
         if self.swap and not self.reuse:
             raise ValueError("reuse=False (no cache) needs copy mode: in swap mode a slot holds the only "
                              "copy of its expert")

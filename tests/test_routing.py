@@ -265,7 +265,7 @@ def decode_and_simulate(ckpt, device, dtype, cache_size, prefetch, source):
     if prefetch:
         guesses, probs = guess_experts(off, trace.token_ids, prefetch, source=source, with_probs=True)
         sim = simulate_prefetch(trace, guesses, cache_size, prefetch, probs=probs,
-                                min_prob=off.offload_options.prefetch_min_prob)
+                                min_prob=off.moe_cache.min_prob)
     else:
         sim = moe_colab.simulate_cache(trace, cache_size, "lru")
     return engine, sim

@@ -120,7 +120,7 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
     @classmethod
     def router_probs(cls, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         # experts are chosen by sigmoid + correction bias: rank by that, scaled to sum to 1 so the
-        # cache's "probability" rules (prefetch_min_prob, no more likely than the victim) still read
+        # cache's "probability" rules (prefetch_min_share, no more likely than the victim) still read
         logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).float(), router.weight.float())
         choice = torch.sigmoid(logits) + router.e_score_correction_bias.float()              # [T, E]
         groups = choice.view(choice.shape[0], router.num_group, -1).topk(2, dim=-1).values.sum(-1)   # [T, G]

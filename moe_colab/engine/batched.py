@@ -21,12 +21,11 @@ The first grouped call of a model on a device checks itself against the one-by-o
 tolerance of engine/compute.py); a mismatch or an exception switches this model to one call per
 expert (warned once, ``offload_stats()["fallbacks"]``).
 
-Slot safety. The cache records a slot's "released" event when the generator resumes, i.e. BEFORE
-the batched kernels that read the slot are queued; a later copy into that slot waits only for
-that event. ``hold_slots`` makes the copy stream wait for everything queued on the compute
-stream so far (the batched kernels included), so no copy overwrites a slot under them. (Slots
-are never reused inside the layer: the block batches only when the layer's experts fit its slots
-together, and then the cache issues every miss into a slot no needed expert holds.)
+Slot safety. The block asks the cache's generator with ``hold=True``: the slots' "released"
+events are recorded by ``cache.release(layer, needed)`` after the batched kernels are queued, so
+no copy overwrites a slot under them. (Slots are never reused inside the layer: the block batches
+only when the layer's experts fit its slots together, and then the cache issues every miss into a
+slot no needed expert holds.)
 """
 from __future__ import annotations
 
@@ -34,13 +33,6 @@ import torch
 
 from .compute import TOLERANCE
 from .graphs import OneTokenGraphs
-
-
-def hold_slots(cache) -> None:
-    """Copies issued from now on wait for the compute queued so far (see the module docstring).
-    A hook the cache could own: ``cache.experts(..., hold=True)``."""
-    if cache.cuda:
-        cache.copy_stream.wait_stream(torch.cuda.current_stream(cache.device))
 
 
 class BatchedExperts:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..config import OffloadOptions
+from ..config import BATCH_MIN_TOP_K, OffloadOptions
 from .cache import ExpertCache
 from .compute import ModelCompute
 from .moe_block import OffloadedMoE, RouteFn, route_with_router
@@ -217,7 +217,8 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
     store.format.compute = compute
     cache = ExpertCache(store, options.experts_on_device, device, reuse=options.reuse,
                         host_sync=options.host_sync, events=strategies.events,
-                        spare_slots=options.spare_slots, min_prob=options.prefetch_min_prob)
+                        spare_slots=options.spare_slots,
+                        min_prob=options.prefetch_min_share / store.num_experts)
     model = build_trunk(adapter, config, dtype)
     with torch.device("meta"):
         attach_quant_linears_(model, qcfg)
@@ -233,12 +234,13 @@ def build_engine(adapter, config, store: ExpertStore, options: OffloadOptions, *
     # cache's layer l. The router and shared experts stay, under their names.
     layers = adapter.moe_decoder_layers(model)
     top_k = adapter.top_k(config)
+    batched = options.batched_experts if options.batched_experts is not None else top_k >= BATCH_MIN_TOP_K
     for l, layer in enumerate(layers):
         kept = adapter.kept_modules(adapter.moe_block(layer))
         router = kept.pop(adapter.router_attr)
         adapter.set_moe_block(layer, OffloadedMoE(l, router, cache, store.format, top_k, store.num_experts,
                                                   route=strategies.route, router_attr=adapter.router_attr,
-                                                  kept=kept, family=adapter, batched=options.batched_experts))
+                                                  kept=kept, family=adapter, batched=batched))
     model.to_empty(device=device)
     load_trunk(model, trunk_state, device, directory)
     del trunk_state

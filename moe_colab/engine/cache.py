@@ -189,7 +189,7 @@ class ExpertCache:
 
     # -- the two entry points used by the MoE block ----------------------------------------
     def experts(self, layer: int, needed: list[int], prefetch: list[int] | None = None,
-                prefetch_scores: list[float] | None = None) -> Iterator[tuple[int, dict]]:
+                prefetch_scores: list[float] | None = None, hold: bool = False) -> Iterator[tuple[int, dict]]:
         """Yield ``(expert, views)`` once for each needed expert, as soon as it is on the device:
         resident experts first, then each miss when its copy lands. ``prefetch``: guessed experts
         of layer + 1 (``prefetch_scores``: the next router's probability of every expert), queued
@@ -198,6 +198,9 @@ class ExpertCache:
         An expert is evicted only after it computed, so with fewer slots than needed experts the
         slots are reused in waves. The caller computes with ``views`` before asking for the next
         expert; close the generator (contextlib.closing) if that computation can fail.
+        ``hold=True``: the caller computes after collecting every expert (one batched call; the
+        needed experts must fit the slots together) and then calls ``release(layer, needed)``:
+        no copy overwrites their slots before the compute queued by then.
         """
         lc = self.layers[layer]
         if self._pending_layer == layer:        # the real experts are known: drop unissued guesses
@@ -228,7 +231,7 @@ class ExpertCache:
                     yield expert, slot.views
                 finally:        # also when the caller stops early: its kernels may read the slot
                     self.events.finish(ev, stream)
-                    if self.cuda:
+                    if self.cuda and not hold:
                         slot.released.record(stream)
                 remaining.discard(expert)
                 self._issue(layer, misses, remaining, ready)
@@ -236,6 +239,15 @@ class ExpertCache:
         finally:
             self._demand_waiting = False
         assert not misses and not remaining, (misses, remaining)
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        """After ``experts(..., hold=True)``: the compute queued so far is the last to read these
+        experts' slots (their "released" events are recorded now)."""
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            lc = self.layers[layer]
+            for e in experts:
+                lc.lru[e].released.record(stream)
 
     def prefetch(self, layer: int, guesses: list[int], scores: list[float] | None = None) -> None:
         """Queue guessed experts of ``layer`` (most likely first) for speculative loading. A guess

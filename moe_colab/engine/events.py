@@ -6,7 +6,7 @@ gets ``NoEvents``, whose methods do nothing. Each record is one step of one laye
     kind        "sync" (the host learns the router's choice), "compute" (one expert on the
                 compute stream), "load" (a demand copy), "prefetch" (a speculative copy),
                 "writeback" (swap mode: an evicted expert copied back to the host)
-    layer, expert, nbytes (copies), stream ("compute" | "copy")
+    layer, expert, nbytes (copies), stream ("compute" | "copy" | "writeback": its own stream)
     seq         the order in which the host issued it
     host_start, host_end   time.perf_counter() when the host began and finished issuing it (for
                 "sync": how long the host waited)
@@ -54,8 +54,8 @@ class EventLog(NoEvents):
 
     def begin(self, kind: str, layer: int, expert=None, nbytes: int = 0, stream=None):
         """Open a record; ``stream`` is the CUDA stream the work is queued on (None on CPU)."""
-        e = Event(len(self.events), kind, layer, expert, nbytes,
-                  "compute" if kind in ("sync", "compute") else "copy", host_start=time.perf_counter())
+        lane = "compute" if kind in ("sync", "compute") else "writeback" if kind == "writeback" else "copy"
+        e = Event(len(self.events), kind, layer, expert, nbytes, lane, host_start=time.perf_counter())
         if stream is not None:
             e.start, e.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e.start.record(stream)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .batched import BatchedExperts, hold_slots
+from .batched import BatchedExperts
 from .cache import ExpertCache
 from .prefetch import Speculator
 
@@ -117,11 +117,13 @@ class OffloadedMoE(nn.Module):
         """The layer's experts fit its slots together: collect every expert's views (hits first,
         misses as they land), then one computation for all of them (engine/batched.py)."""
         views: dict[int, object] = {}
-        with closing(self.cache.experts(self.layer_idx, needed, guess, prob)) as ready:
+        with closing(self.cache.experts(self.layer_idx, needed, guess, prob, hold=True)) as ready:
             for expert, v in ready:
                 views[expert] = v
-        ys = self.batched([views[e] for e in needed], x)               # [n, 1, H]
-        hold_slots(self.cache)           # no copy may overwrite these slots under the batched kernels
+        try:
+            ys = self.batched([views[e] for e in needed], x)           # [n, 1, H]
+        finally:                         # no copy may overwrite these slots under the batched kernels
+            self.cache.release(self.layer_idx, needed)
         out = torch.zeros_like(x)
         for j, expert in enumerate(needed):                             # ascending expert order
             i = chosen.index(expert)
