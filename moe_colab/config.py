@@ -185,9 +185,9 @@ class OffloadOptions:
                                  #   for write-backs); the planner counts them
     extra_host_rows: int = 0     # swap mode: host rows beyond E - k + 1 (spread over layers), so
                                  #   an evicted expert more often still has its host copy
-    batched_experts: bool | None = None   # one token: a layer's selected experts as one grouped call;
+    batched_experts: bool | None = None   # one token: a layer's selected experts as one grouped call
+                                           #   per matrix when they fit its slots (engine/batched.py);
                                            #   None: when top_k >= BATCH_MIN_TOP_K (many small experts)
-                                  #   per matrix when they fit its slots (engine/batched.py)
 
     @classmethod
     def defaults(cls, **changes) -> "OffloadOptions":
