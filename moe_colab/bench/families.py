@@ -175,7 +175,7 @@ class FamilyBench:
     def options(self, row, plan) -> OffloadOptions:
         t4 = OffloadOptions.defaults(experts_on_device=plan.experts_on_device, prefetch=self.prefetch, swap=plan.swap,
                                      spare_slots=plan.spare_slots, extra_host_rows=plan.extra_host_rows,
-                                     cuda_graphs=self.device.type == "cuda")
+                                     cuda_graphs=self.device.type == "cuda", batched_experts=True)
         copy = t4.replace(swap=False, extra_host_rows=0)
         return {"colab": t4, "colab_copy": copy, "colab_copy_unbatched": copy.replace(batched_experts=False)}[row]
 
