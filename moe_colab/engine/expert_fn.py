@@ -85,6 +85,17 @@ class ExpertFn:
         return n + (2 * self.intermediate + self.hidden if self.bias else 0)
 
 
+def write_bias(views, name: str, weight: torch.Tensor, intermediate: int) -> bool:
+    """Store expert bias b1, b3 (into "b13") or b2 in place; False if ``name`` is no bias."""
+    if name not in ("b1", "b3", "b2"):
+        return False
+    dst = {"b1": views["b13"][:intermediate], "b3": views["b13"][intermediate:], "b2": views["b2"]}[name]
+    if tuple(weight.shape) != tuple(dst.shape):
+        raise ValueError(f"expert bias {name} has shape {tuple(weight.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(weight)
+    return True
+
+
 class BiasedDenseFormat(DenseExpertFormat):
     """A 16-bit expert with biases and/or another GLU: w13 [2I, H], w2 [H, I], b13 [2I], b2 [H]."""
 
@@ -97,14 +108,8 @@ class BiasedDenseFormat(DenseExpertFormat):
         self.layout = PackedLayout(entries)
 
     def write(self, views, name, weight):
-        i = self.intermediate
-        if name in ("b1", "b3", "b2"):
-            dst = {"b1": views["b13"][:i], "b3": views["b13"][i:], "b2": views["b2"]}[name]
-            if tuple(weight.shape) != tuple(dst.shape):
-                raise ValueError(f"expert bias {name} has shape {tuple(weight.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(weight)
-            return
-        super().write(views, name, weight)
+        if not write_bias(views, name, weight, self.intermediate):
+            super().write(views, name, weight)
 
     def forward(self, views, x):
         gate, up = F.linear(x, views["w13"], views.get("b13")).chunk(2, dim=-1)      # [T, I] each

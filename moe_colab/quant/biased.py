@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.expert_fn import ExpertFn
+from ..engine.expert_fn import ExpertFn, write_bias
 from ..engine.storage import PackedLayout
 from .config import QuantConfig
 from .format import QuantizedExpertFormat
@@ -36,14 +36,8 @@ class BiasedQuantizedFormat(QuantizedExpertFormat):
         return mats
 
     def write(self, views, name, weight, device=None):
-        i = self.intermediate
-        if name in ("b1", "b3", "b2"):
-            dst = {"b1": views["b13"][:i], "b3": views["b13"][i:], "b2": views["b2"]}[name]
-            if tuple(weight.shape) != tuple(dst.shape):
-                raise ValueError(f"expert bias {name} has shape {tuple(weight.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(weight)
-            return
-        super().write(views, name, weight, device)
+        if not write_bias(views, name, weight, self.intermediate):
+            super().write(views, name, weight, device)
 
     def _forward(self, m, x, trusted):
         # QuantizedExpertFormat.forward calls this (eagerly, or inside a slot's CUDA graph)
