@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--random", action="store_true", help="use a random checkpoint instead of --model")
     ap.add_argument("--text", type=Path, default=None,
-                    help="a Python file (default: tiny's held-out stdlib files, see train_tiny.py)")
+                    help="a Python file (default: tiny's held-out stdlib files, see moe_colab/tiny/train.py)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--chunk", type=int, default=256, help="tokens per forward (each chunk starts afresh)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "locality.md")

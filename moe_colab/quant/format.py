@@ -1,6 +1,6 @@
 """Quantized modules: an expert as ONE byte buffer, and low-bit attention projections.
 
-    QuantizedExpertFormat   the ExpertFormat (moe_colab/storage.py) of a low-bit expert: codes,
+    QuantizedExpertFormat   the ExpertFormat (moe_colab/engine/storage.py) of a low-bit expert: codes,
                             scales and zeros of w1, w2, w3 under "w1.", "w2.", "w3." in one
                             PackedLayout, so moving an expert is still a single copy
     QuantLinear             nn.Linear replacement holding the same named tensors as buffers

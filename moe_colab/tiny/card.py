@@ -2,7 +2,7 @@
 
     python -m moe_colab.tiny.card docs/tiny_training.json moe_colab/tiny/weights docs/tiny_model.md
 
-``train_tiny.py`` calls ``write_model_card`` at the end of a run, so every figure in the card is
+``tiny/train.py`` calls ``write_model_card`` at the end of a run, so every figure in the card is
 the one the run measured. Format: Hugging Face model cards (YAML front matter, then Markdown).
 """
 from __future__ import annotations

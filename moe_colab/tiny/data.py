@@ -6,7 +6,7 @@ held-out split when the hash of its relative path falls in the lowest 2%, so the
 depend on the order of a directory listing or on other files. The tokenizer is byte-level BPE
 (``tokenizers``, as in GPT-2) trained on the train split only; it round-trips any text exactly.
 
-Used by ``train_tiny.py`` (training) and ``tests/test_tiny_model.py`` (re-measuring the shipped model).
+Used by ``tiny/train.py`` (training) and ``tests/test_tiny_model.py`` (re-measuring the shipped model).
 """
 from __future__ import annotations
 
